@@ -1,0 +1,7 @@
+"""``python -m shmnonce``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

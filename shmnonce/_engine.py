@@ -1,0 +1,413 @@
+"""ShmNonce: one strictly increasing nonce sequence per (name, state_dir) on a host."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Mapping
+from types import TracebackType
+from typing import Any
+
+from . import _posix as backend
+from ._ceiling import read_ceiling, write_ceiling
+from ._errors import NonceError, StateError
+from ._paths import api_key_name, resolve_state_dir, segment_name, validate_name
+from ._queue import SectionQueue
+from ._segment import (
+    FLAG_UNLINKED,
+    QUEUE,
+    QUEUE_OFFSET,
+    RECORD,
+    RECORD_OFFSET,
+    SIZE,
+    U64_MAX,
+    open_segment,
+)
+
+__all__ = ["LEASE_NS", "ShmNonce"]
+
+log = logging.getLogger("shmnonce")
+
+LEASE_NS = 10_000_000_000
+"""How far ahead of the value being issued the persisted ceiling is moved (10 s)."""
+REGRESSION_NS = 1_000_000
+"""A clock reading this far behind the previous one counts as a regression (1 ms)."""
+_GEN_MASK = U64_MAX
+
+_LOCK_EX = 2  # fcntl.LOCK_EX
+_engines: weakref.WeakSet[ShmNonce] = weakref.WeakSet()
+
+
+def _before_fork() -> None:
+    for eng in list(_engines):
+        eng._tlock.acquire()
+
+
+def _after_fork_parent() -> None:
+    for eng in list(_engines):
+        eng._tlock.release()
+
+
+def _after_fork_child() -> None:
+    for eng in list(_engines):
+        eng._after_fork_child()
+
+
+os.register_at_fork(
+    before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child
+)
+
+
+class ShmNonce:
+    """A handle on one host-wide nonce sequence. See the README for the guarantees.
+
+    Create with :meth:`attach` or :meth:`for_api_key`. Handles are thread-safe and
+    remain valid in children forked after attach.
+    """
+
+    _clock = staticmethod(time.time_ns)  # tests replace it to step the clock
+
+    def __init__(self, name: str, state_dir: str, *, _token: object = None) -> None:
+        if _token is not _ATTACH:
+            raise TypeError("use ShmNonce.attach(name) or ShmNonce.for_api_key(key)")
+        self.name = name
+        self.state_dir = state_dir
+        self.segment_name = segment_name(name, state_dir)
+        base = os.path.join(state_dir, name)
+        self._lock_path = base + ".lock"
+        self._queue_path = base + ".queue"
+        self._ceiling_path = base + ".ceiling"
+        self._tlock = threading.Lock()
+        self._fd = -1
+        self._closed = False
+        self._views: list[memoryview] = []
+        self._pid = os.getpid()
+        self._fd = self._open_lock()
+        try:
+            with self._short_lock():
+                self._seg = open_segment(
+                    self.segment_name, name, state_dir, os.fstat(self._fd)
+                )
+                self._buf = self._seg.buf
+                self._check_ceiling()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._queue = SectionQueue(self._queue_path, self._buf, self._short_lock)
+        _engines.add(self)
+
+    # -- construction ----------------------------------------------------------------
+    @classmethod
+    def attach(cls, name: str, state_dir: str | os.PathLike[str] | None = None) -> ShmNonce:
+        """Create or attach the sequence ``name`` in ``state_dir`` (see the contract)."""
+        validate_name(name)
+        return cls(name, resolve_state_dir(state_dir), _token=_ATTACH)
+
+    @classmethod
+    def for_api_key(
+        cls, api_key: str | bytes, state_dir: str | os.PathLike[str] | None = None
+    ) -> ShmNonce:
+        """The sequence of one API key, named from a salted hash of the key."""
+        return cls.attach(api_key_name(api_key), state_dir)
+
+    def _open_lock(self) -> int:
+        try:
+            return backend.open_lock_file(self._lock_path)
+        except OSError as exc:
+            raise type(exc)(exc.errno, f"cannot open lock file: {exc.strerror}", self._lock_path) from None
+
+    def _check_ceiling(self) -> None:
+        """Reconcile the persisted ceiling with the segment (counter lock held)."""
+        ceiling = read_ceiling(self._ceiling_path)
+        g, _last, limit, _total, _prev, _reg, g2 = RECORD.unpack_from(self._buf, RECORD_OFFSET)
+        if self._seg.created:
+            base = 0 if ceiling is None else ceiling.limit
+            RECORD.pack_into(self._buf, RECORD_OFFSET, 1, base, base, 0, 0, 0, 1)
+            log.info(
+                "created segment %s for sequence %r (resuming above %d)",
+                self.segment_name, self.name, base,
+            )
+            return
+        if ceiling is None and limit > 0:
+            raise StateError(
+                f"persisted ceiling {self._ceiling_path!r} is missing while segment "
+                f"{self.segment_name} of sequence {self.name!r} is live; restore the file, or "
+                f"stop every user of {self.name!r} and run 'shmnonce unlink {self.name} "
+                f"--state-dir {self.state_dir}'"
+            )
+        if g != g2:
+            self._recover_torn()
+
+    # -- the hot path ------------------------------------------------------------------
+    def next(self) -> int:
+        """Issue the next value: ``max(last + 1, time.time_ns())``, unique host-wide."""
+        tlock = self._tlock
+        tlock.acquire()
+        try:
+            fd = self._fd
+            backend.flock_ex(fd, _LOCK_EX)
+            try:
+                buf = self._buf
+                g, last, limit, total, prev, reg, g2 = RECORD.unpack_from(buf, RECORD_OFFSET)
+                now = self._clock()
+                v = last + 1
+                if now > v:
+                    v = now
+                if g != g2 or v > limit or now < prev - REGRESSION_NS:
+                    return self._issue_slow()
+                RECORD.pack_into(buf, RECORD_OFFSET, g + 1, v, limit, total + 1, now, reg, g + 1)
+                result: int = v
+                return result
+            finally:
+                backend.flock_un(fd)
+        except (OSError, ValueError, TypeError) as exc:
+            raise self._closed_error(exc) from exc
+        finally:
+            tlock.release()
+
+    def _closed_error(self, exc: BaseException) -> BaseException:
+        if self._closed:
+            return NonceError(f"sequence {self.name!r}: this handle is closed")
+        if isinstance(exc, NonceError):
+            return exc
+        return StateError(f"sequence {self.name!r}: lock file {self._lock_path!r} unusable: {exc}")
+
+    def _issue_slow(self) -> int:
+        """Issue one value handling torn records, clock steps and lease ends (lock held)."""
+        g, last, limit, total, prev, reg, _g2 = self._record()
+        now = self._clock()
+        if now < prev - REGRESSION_NS:
+            reg += 1
+            log.warning(
+                "clock regression on sequence %r: wall clock %d ns behind the previous "
+                "reading; values continue from the last one", self.name, prev - now,
+            )
+        v = max(last + 1, now)
+        if v > U64_MAX:
+            raise NonceError(
+                f"sequence {self.name!r} reached 2**64-1; nonces cannot go higher"
+            )
+        if v > limit:
+            limit = self._extend(v, limit)
+        g = (g + 1) & _GEN_MASK
+        RECORD.pack_into(self._buf, RECORD_OFFSET, g, v, limit, total + 1, now, reg, g)
+        return v
+
+    def _record(self) -> tuple[int, int, int, int, int, int, int]:
+        """Read the record, repairing it first if torn or refusing if unlinked (lock held)."""
+        rec: tuple[int, int, int, int, int, int, int] = RECORD.unpack_from(self._buf, RECORD_OFFSET)
+        if self._seg.read_header().flags & FLAG_UNLINKED:
+            raise StateError(
+                f"sequence {self.name!r} was unlinked; attach again to start a new one"
+            )
+        if rec[0] != rec[6]:
+            self._recover_torn()
+            rec = RECORD.unpack_from(self._buf, RECORD_OFFSET)
+        return rec
+
+    def _recover_torn(self) -> None:
+        """A writer died mid-update: restart above the persisted ceiling (lock held)."""
+        ceiling = read_ceiling(self._ceiling_path)
+        if ceiling is None:
+            raise StateError(
+                f"segment {self.segment_name} of sequence {self.name!r} holds a torn record "
+                f"and the persisted ceiling {self._ceiling_path!r} is missing; the last value "
+                "cannot be recovered. Raise the sequence past every value used with "
+                f"'shmnonce jump {self.name} NS' after 'shmnonce unlink {self.name}'"
+            )
+        _g, _last, _limit, total, prev, reg, _g2 = RECORD.unpack_from(self._buf, RECORD_OFFSET)
+        g = (max(_g, _g2) + 1) & _GEN_MASK
+        base = ceiling.limit
+        RECORD.pack_into(self._buf, RECORD_OFFSET, g, base, base, total, prev, reg, g)
+        self._bump_queue(4)
+        log.warning(
+            "sequence %r: torn record in segment %s (a writer was killed mid-update); "
+            "resuming above the persisted ceiling %d", self.name, self.segment_name, base,
+        )
+
+    def _bump_queue(self, field: int) -> None:
+        vals = list(QUEUE.unpack_from(self._buf, QUEUE_OFFSET))
+        vals[field] += 1
+        QUEUE.pack_into(self._buf, QUEUE_OFFSET, *vals)
+
+    def _extend(self, value: int, limit: int) -> int:
+        """Persist a new ceiling above ``value`` before it is issued (lock held)."""
+        ceiling = read_ceiling(self._ceiling_path)
+        seg_id = self._seg.header.segment_id
+        if ceiling is not None:
+            if ceiling.segment_id not in (0, seg_id) and ceiling.limit > limit:
+                raise StateError(
+                    f"segment {self.segment_name} of sequence {self.name!r} was replaced by "
+                    f"another one (persisted ceiling {self._ceiling_path!r} moved to "
+                    f"{ceiling.limit}); attach again"
+                )
+            if ceiling.limit >= value:  # a writer died after persisting, before updating
+                return ceiling.limit
+        new_limit = min(U64_MAX, value + LEASE_NS)
+        try:
+            write_ceiling(self._ceiling_path, new_limit, seg_id)
+        except OSError as exc:
+            raise StateError(
+                f"cannot persist the ceiling of sequence {self.name!r} to "
+                f"{self._ceiling_path!r}: {exc}"
+            ) from exc
+        return new_limit
+
+    # -- other operations ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def _short_lock(self) -> Iterator[None]:
+        """The counter lock: excludes other next() calls host-wide for microseconds."""
+        with self._tlock:
+            if self._closed:
+                raise NonceError(f"sequence {self.name!r}: this handle is closed")
+            backend.flock_ex(self._fd, _LOCK_EX)
+            try:
+                yield
+            finally:
+                backend.flock_un(self._fd)
+
+    def _shared(self, offset: int, size: int) -> memoryview:
+        """A view of ``size`` bytes of the segment at ``offset`` (extension areas)."""
+        if offset < 0 or size < 0 or offset + size > SIZE:
+            raise ValueError("area outside the segment")
+        view = memoryview(self._buf)[offset : offset + size]
+        self._views.append(view)
+        return view
+
+    def peek(self) -> int:
+        """The last value issued (or the recovered bound after a restart); issues nothing."""
+        with self._short_lock():
+            return self._record()[1]
+
+    @contextlib.contextmanager
+    def serialized(self, timeout: float | None = None) -> Iterator[int]:
+        """Exclusive section across threads and processes; yields a nonce issued inside.
+
+        Entrants are served in arrival order; a waiter wakes as soon as the holder
+        leaves or dies. ``next()`` elsewhere does not wait for the section.
+        """
+        if self._closed:
+            raise NonceError(f"sequence {self.name!r}: this handle is closed")
+        nonce = self._queue.enter(timeout, self._issue_slow)
+        try:
+            yield nonce
+        finally:
+            self._queue.leave()
+
+    def jump_forward(self, delta_ns: int) -> int:
+        """Set the last value to ``max(last, now) + delta_ns`` and return it."""
+        if isinstance(delta_ns, bool) or not isinstance(delta_ns, int) or delta_ns < 0:
+            raise ValueError(f"delta_ns must be a non-negative int, got {delta_ns!r}")
+        with self._short_lock():
+            g, last, limit, total, prev, reg, _ = self._record()
+            now = self._clock()
+            if now < prev - REGRESSION_NS:
+                reg += 1
+            new = max(last, now) + delta_ns
+            if new > U64_MAX:
+                raise ValueError(
+                    f"jump_forward({delta_ns}) would pass 2**64-1 (last value {last})"
+                )
+            if new > limit:
+                limit = self._extend(new, limit)
+            g = (g + 1) & _GEN_MASK
+            RECORD.pack_into(self._buf, RECORD_OFFSET, g, new, limit, total, now, reg, g)
+            return new
+
+    def stats(self) -> Mapping[str, object]:
+        """Host-wide counters of the sequence (no key material)."""
+        with self._short_lock():
+            _g, last, limit, total, _prev, reg, _g2 = self._record()
+            _tail, _head, entries, waited, torn, _ = QUEUE.unpack_from(self._buf, QUEUE_OFFSET)
+            header = self._seg.read_header()
+        return {
+            "name": self.name,
+            "state_dir": self.state_dir,
+            "segment": self.segment_name,
+            "last_nonce": last,
+            "total_issued": total,
+            "created_at": header.created_at,
+            "clock_regressions": reg,
+            "persisted_ceiling": limit + 1,
+            "lease_ns": LEASE_NS,
+            "section_entries": entries,
+            "section_waits": waited,
+            "torn_recoveries": torn,
+        }
+
+    # -- lifetime ----------------------------------------------------------------------
+    def _after_fork_child(self) -> None:
+        """In a forked child: fresh in-process lock and descriptors of its own."""
+        self._tlock = threading.Lock()
+        self._pid = os.getpid()
+        self._queue.after_fork_child()
+        old, self._fd = self._fd, -1
+        if old >= 0:
+            os.close(old)
+            if not self._closed:
+                with contextlib.suppress(OSError):
+                    self._fd = backend.open_lock_file(self._lock_path)
+
+    def close(self) -> None:
+        """Detach this process; the sequence and its values live on."""
+        with self._tlock:
+            if self._closed:
+                return
+            self._closed = True
+            _engines.discard(self)
+            self._queue.close()
+            for view in self._views:
+                view.release()
+            self._views.clear()
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                os.close(fd)
+            self._buf.close()
+
+    def unlink(self) -> None:
+        """Destroy the segment and the persisted state, then close this handle.
+
+        Processes still attached get StateError at their next call instead of
+        issuing values from a sequence that no longer exists.
+        """
+        with self._short_lock():
+            self._seg.set_flags(FLAG_UNLINKED)
+            g = RECORD.unpack_from(self._buf, RECORD_OFFSET)[0]
+            RECORD.pack_into(self._buf, RECORD_OFFSET, g + 1, 0, 0, 0, 0, 0, g + 1)
+            with contextlib.suppress(FileNotFoundError):
+                backend.shm_unlink(self.segment_name)
+            for path in (self._ceiling_path, self._ceiling_path + ".tmp", self._queue_path,
+                         self._lock_path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        self.close()
+
+    def __enter__(self) -> ShmNonce:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "attached"
+        return f"<ShmNonce {self.name!r} state_dir={self.state_dir!r} {state}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Spawned children re-attach by name instead of copying a mapping.
+        return (_reattach, (self.name, self.state_dir))
+
+
+def _reattach(name: str, state_dir: str) -> ShmNonce:
+    return ShmNonce.attach(name, state_dir)
+
+
+_ATTACH = object()

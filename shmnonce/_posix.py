@@ -1,0 +1,117 @@
+"""POSIX (Linux) primitives: lock files, OFD byte-range locks, shared-memory segments.
+
+Two kinds of OS lock are used, both released by the kernel when their holder dies:
+
+* ``flock`` on a descriptor kept open (the short "counter" lock);
+* Linux open-file-description (OFD) byte-range locks (the fair section queue). Unlike
+  classic POSIX record locks they belong to the open file description, so a thread that
+  opens its own descriptor excludes the other threads of its process, and closing an
+  unrelated descriptor of the same file does not drop them.
+"""
+
+from __future__ import annotations
+
+import _posixshmem  # type: ignore[import-not-found]
+import errno
+import fcntl
+import mmap
+import os
+import struct
+import sys
+
+__all__ = [
+    "flock_ex",
+    "flock_un",
+    "ofd_lock",
+    "ofd_test",
+    "ofd_unlock",
+    "open_lock_file",
+    "shm_create",
+    "shm_map",
+    "shm_open",
+    "shm_unlink",
+]
+
+if not sys.platform.startswith("linux"):  # pragma: no cover - checked at import
+    raise ImportError("shmnonce's POSIX backend needs Linux (open-file-description locks)")
+
+# struct flock on Linux (x86_64, aarch64): short l_type, short l_whence, off_t l_start,
+# off_t l_len, pid_t l_pid, then padding to 32 bytes.
+_FLOCK = struct.Struct("@hhqqi4x")
+_F_OFD_SETLK: int = fcntl.F_OFD_SETLK
+_F_OFD_SETLKW: int = fcntl.F_OFD_SETLKW
+_F_OFD_GETLK: int = fcntl.F_OFD_GETLK
+F_RDLCK: int = fcntl.F_RDLCK
+F_WRLCK: int = fcntl.F_WRLCK
+F_UNLCK: int = fcntl.F_UNLCK
+
+flock_ex = fcntl.flock
+
+
+def flock_un(fd: int) -> None:
+    """Release a ``flock``."""
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def open_lock_file(path: str) -> int:
+    """Open (create 0600) a lock file and return a close-on-exec descriptor."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def ofd_lock(fd: int, start: int, kind: int, wait: bool) -> bool:
+    """Lock byte ``start`` with an OFD lock of ``kind``; False if busy and not ``wait``."""
+    arg = _FLOCK.pack(kind, os.SEEK_SET, start, 1, 0)
+    try:
+        fcntl.fcntl(fd, _F_OFD_SETLKW if wait else _F_OFD_SETLK, arg)
+    except OSError as exc:
+        if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def ofd_unlock(fd: int, start: int) -> None:
+    """Release the OFD lock on byte ``start``."""
+    fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(F_UNLCK, os.SEEK_SET, start, 1, 0))
+
+
+def ofd_test(fd: int, start: int) -> int:
+    """Type of a lock another descriptor holds on byte ``start`` (F_UNLCK if none)."""
+    res = fcntl.fcntl(fd, _F_OFD_GETLK, _FLOCK.pack(F_WRLCK, os.SEEK_SET, start, 1, 0))
+    kind: int = _FLOCK.unpack(res)[0]
+    return kind
+
+
+def shm_open(name: str) -> int:
+    """Open an existing segment read-write; FileNotFoundError if absent."""
+    fd: int = _posixshmem.shm_open("/" + name, os.O_RDWR, mode=0o600)
+    return fd
+
+
+def shm_create(name: str, size: int) -> int:
+    """Create a new zero-filled 0600 segment of ``size`` bytes; FileExistsError if present."""
+    fd: int = _posixshmem.shm_open("/" + name, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode=0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, size)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def shm_map(fd: int, size: int) -> mmap.mmap:
+    """Map ``size`` bytes of a segment shared; the caller may close ``fd`` afterwards."""
+    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def shm_unlink(name: str) -> None:
+    """Remove a segment's name; processes that mapped it keep their mapping."""
+    _posixshmem.shm_unlink("/" + name)

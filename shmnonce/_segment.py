@@ -1,0 +1,172 @@
+"""The shared-memory segment: layout, creation, validation.
+
+Layout (little-endian, version 1)::
+
+    0     header: magic, version, size, created_at, segment_id, lock_dev, lock_ino, flags
+    64    sequence name (64 bytes, NUL padded)
+    128   record: gen, last, limit, total, prev_clock, regressions, gen
+    192   queue: tail, head, entries, waited, torn_recoveries, reserved
+    256   extension area of the Kraken rate limiter (256 bytes)
+    512   extension area of the compat module (256 bytes)
+    1024  state_dir (u16 length + UTF-8 bytes), for operators' tools
+    4096  section queue slots: SLOTS x (ticket, phase)
+
+The record is bracketed by a generation number written at both ends. Writers bump
+it on every update; ``struct.pack_into`` writes bytes in order, so a writer killed
+half-way leaves the two copies different, which readers detect ("torn") and repair
+from the persisted ceiling. The segment is never registered with multiprocessing's
+resource tracker (CPython gh-82300), so no unrelated process's exit removes it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import struct
+import time
+from typing import NamedTuple
+
+from . import _posix as backend
+from ._errors import StateError
+
+MAGIC = b"SHMNONCE"
+VERSION = 1
+SLOTS = 4096
+SLOTS_OFFSET = 4096
+SIZE = SLOTS_OFFSET + SLOTS * 16
+
+HEADER = struct.Struct("<8sIIQQQQQ")
+NAME_OFFSET = 64
+RECORD_OFFSET = 128
+RECORD = struct.Struct("<7Q")
+QUEUE_OFFSET = 192
+QUEUE = struct.Struct("<6Q")
+EXT_RATELIMIT_OFFSET = 256
+EXT_RATELIMIT_SIZE = 256
+EXT_COMPAT_OFFSET = 512
+EXT_COMPAT_SIZE = 256
+STATEDIR_OFFSET = 1024
+STATEDIR_MAX = SLOTS_OFFSET - STATEDIR_OFFSET - 2
+SLOT = struct.Struct("<QQ")
+
+FLAG_UNLINKED = 1
+U64_MAX = 2**64 - 1
+
+
+class Header(NamedTuple):
+    magic: bytes
+    version: int
+    size: int
+    created_at: int
+    segment_id: int
+    lock_dev: int
+    lock_ino: int
+    flags: int
+
+
+class Segment:
+    """A mapped segment plus the facts read from its header at attach time."""
+
+    __slots__ = ("buf", "created", "header", "name")
+
+    def __init__(self, name: str, buf: mmap.mmap, header: Header, created: bool) -> None:
+        self.name = name
+        self.buf = buf
+        self.header = header
+        self.created = created
+
+    def read_header(self) -> Header:
+        return Header(*HEADER.unpack_from(self.buf, 0))
+
+    def set_flags(self, flags: int) -> None:
+        h = self.read_header()
+        HEADER.pack_into(self.buf, 0, *h[:-1], flags)
+
+
+def _repair(seq: str, state_dir: str) -> str:
+    return (
+        f"stop the processes using {seq!r}, then run "
+        f"'shmnonce unlink {seq} --state-dir {state_dir}' (the persisted ceiling is kept "
+        "only if intact: check with 'shmnonce status' first)"
+    )
+
+
+def _init(buf: mmap.mmap, seq: str, state_dir: str, lock_stat: os.stat_result) -> Header:
+    """Fill a zeroed (or abandoned half-initialised) segment; the magic goes in last."""
+    buf[:SLOTS_OFFSET] = bytes(SLOTS_OFFSET)
+    header = Header(
+        MAGIC, VERSION, SIZE, time.time_ns(), secrets.randbits(63) | 1,
+        lock_stat.st_dev, lock_stat.st_ino, 0,
+    )
+    HEADER.pack_into(buf, 0, b"\0" * 8, *header[1:])
+    name_b = seq.encode()
+    buf[NAME_OFFSET : NAME_OFFSET + len(name_b)] = name_b
+    sd = state_dir.encode()
+    if len(sd) <= STATEDIR_MAX:
+        struct.pack_into("<H", buf, STATEDIR_OFFSET, len(sd))
+        buf[STATEDIR_OFFSET + 2 : STATEDIR_OFFSET + 2 + len(sd)] = sd
+    buf[0:8] = MAGIC
+    return header
+
+
+def open_segment(shm_name: str, seq: str, state_dir: str, lock_stat: os.stat_result) -> Segment:
+    """Create or attach the segment. Call with the sequence's counter lock held.
+
+    A segment left all-zero by a creator that died before writing the magic is
+    initialised again; any other mismatch raises StateError naming the segment.
+    """
+    created = False
+    try:
+        fd = backend.shm_open(shm_name)
+    except FileNotFoundError:
+        try:
+            fd = backend.shm_create(shm_name, SIZE)
+            created = True
+        except FileExistsError:  # created by a process that does not hold our lock file
+            fd = backend.shm_open(shm_name)
+    try:
+        size = os.fstat(fd).st_size
+        where = f"shared-memory segment /dev/shm/{shm_name} of sequence {seq!r}"
+        if size == 0:  # creator died between shm_open and ftruncate
+            os.ftruncate(fd, SIZE)
+            size = SIZE
+        if size != SIZE:
+            raise StateError(f"{where} has {size} bytes, expected {SIZE}; {_repair(seq, state_dir)}")
+        buf = backend.shm_map(fd, SIZE)
+    finally:
+        os.close(fd)
+    header = Header(*HEADER.unpack_from(buf, 0))
+    if header.magic == b"\0" * 8:
+        header = _init(buf, seq, state_dir, lock_stat)
+        created = True
+    problem = None
+    if header.magic != MAGIC:
+        problem = "has a foreign magic number"
+    elif header.version != VERSION:
+        problem = f"has format version {header.version}, this shmnonce uses {VERSION}"
+    elif header.size != SIZE:
+        problem = f"declares {header.size} bytes, expected {SIZE}"
+    elif (header.lock_dev, header.lock_ino) != (lock_stat.st_dev, lock_stat.st_ino):
+        problem = (
+            "was created with another lock file: the state directory was removed or "
+            "replaced while the segment existed, so processes attached before that would "
+            "not be excluded"
+        )
+    if problem:
+        buf.close()
+        raise StateError(f"{where} {problem}; {_repair(seq, state_dir)}")
+    return Segment(shm_name, buf, header, created)
+
+
+def read_state_dir(buf: mmap.mmap) -> str | None:
+    """The state_dir recorded in a segment (None if it did not fit)."""
+    (n,) = struct.unpack_from("<H", buf, STATEDIR_OFFSET)
+    if n == 0 or n > STATEDIR_MAX:
+        return None
+    return bytes(buf[STATEDIR_OFFSET + 2 : STATEDIR_OFFSET + 2 + n]).decode(errors="replace")
+
+
+def read_name(buf: mmap.mmap) -> str:
+    raw = bytes(buf[NAME_OFFSET : NAME_OFFSET + 64])
+    return raw.split(b"\0", 1)[0].decode(errors="replace")

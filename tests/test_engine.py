@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import stat
@@ -21,7 +22,7 @@ def test_values_are_strictly_increasing_and_near_the_clock(eng: ShmNonce) -> Non
     before = time.time_ns()
     values = [eng.next() for _ in range(10_000)]
     after = time.time_ns()
-    assert all(a < b for a, b in zip(values, values[1:], strict=False))
+    assert all(a < b for a, b in itertools.pairwise(values))
     assert before <= values[0] and values[-1] <= after + 10_000
     assert eng.peek() == values[-1]
     assert eng.stats()["total_issued"] == 10_000
@@ -48,7 +49,7 @@ def test_threads_share_one_sequence(eng: ShmNonce) -> None:
     merged = [v for r in results for v in r]
     assert len(set(merged)) == 20_000
     for r in results:
-        assert all(a < b for a, b in zip(r, r[1:], strict=False))
+        assert all(a < b for a, b in itertools.pairwise(r))
 
 
 def test_jump_forward(eng: ShmNonce) -> None:
@@ -87,9 +88,8 @@ def test_top_of_range_raises_instead_of_wrapping(eng: ShmNonce) -> None:
     assert eng.stats()["persisted_ceiling"] == 2**64
     with pytest.raises(NonceError):
         eng.next()
-    with pytest.raises(NonceError):
-        with eng.serialized(timeout=1):
-            pass
+    with pytest.raises(NonceError), eng.serialized(timeout=1):
+        pass
     with pytest.raises(ValueError):
         eng.jump_forward(1)
     assert eng.peek() == top
@@ -228,10 +228,9 @@ def test_next_inside_serialized_same_thread(eng: ShmNonce) -> None:
 
 
 def test_serialized_is_not_reentrant(eng: ShmNonce) -> None:
-    with eng.serialized(timeout=1):
-        with pytest.raises(NonceError, match="re-entrant"):
-            with eng.serialized(timeout=0.1):
-                pass
+    with eng.serialized(timeout=1), pytest.raises(NonceError, match="re-entrant"):
+        with eng.serialized(timeout=0.1):
+            pass
     with eng.serialized(timeout=0):
         pass
 
@@ -249,15 +248,13 @@ def test_serialized_excludes_threads_and_times_out(eng: ShmNonce) -> None:
     t.start()
     assert entered.wait(5)
     start = time.monotonic()
-    with pytest.raises(LockTimeout) as info:
-        with eng.serialized(timeout=0.3):
-            pass
+    with pytest.raises(LockTimeout) as info, eng.serialized(timeout=0.3):
+        pass
     took = time.monotonic() - start
     assert isinstance(info.value, TimeoutError) and isinstance(info.value, NonceError)
     assert 0.25 <= took < 2.0
-    with pytest.raises(LockTimeout):
-        with eng.serialized(timeout=0):
-            pass
+    with pytest.raises(LockTimeout), eng.serialized(timeout=0):
+        pass
     # next() is not blocked by the section held elsewhere
     t0 = time.monotonic()
     eng.next()
@@ -269,15 +266,13 @@ def test_serialized_excludes_threads_and_times_out(eng: ShmNonce) -> None:
 
 
 def test_negative_timeout(eng: ShmNonce) -> None:
-    with pytest.raises(ValueError):
-        with eng.serialized(timeout=-1):
-            pass
+    with pytest.raises(ValueError), eng.serialized(timeout=-1):
+        pass
 
 
 def test_exception_inside_section_releases_it(eng: ShmNonce) -> None:
-    with pytest.raises(KeyError):
-        with eng.serialized(timeout=1):
-            raise KeyError("x")
+    with pytest.raises(KeyError), eng.serialized(timeout=1):
+        raise KeyError("x")
     with eng.serialized(timeout=0):
         pass
 
@@ -291,9 +286,8 @@ def test_close_then_use_raises_and_sequence_lives_on(state_dir: str) -> None:
         e.next()
     with pytest.raises(NonceError, match="closed"):
         e.peek()
-    with pytest.raises(NonceError, match="closed"):
-        with e.serialized():
-            pass
+    with pytest.raises(NonceError, match="closed"), e.serialized():
+        pass
     assert os.path.exists(f"/dev/shm/{e.segment_name}")
     with ShmNonce.attach("c", state_dir) as e2:
         assert e2.peek() == v

@@ -17,6 +17,7 @@ each other); descriptors inherited across fork() are closed in the child.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 import weakref
@@ -33,6 +34,7 @@ __all__ = ["SectionQueue"]
 WAITING = 1
 HELD = 2
 DONE = 0
+_PHASE = struct.Struct("<Q")
 
 
 class _Fd:
@@ -215,11 +217,20 @@ class SectionQueue:
         fdo.ticket = -1
 
     def leave(self) -> None:
-        """Leave the section held by this thread (no-op in a forked child)."""
+        """Leave the section held by this thread (no-op in a forked child).
+
+        Needs no counter lock: the phase word changes in one byte (HELD -> DONE), and
+        a reader that still sees HELD finds the byte lock held and waits on it.
+        """
         entry: tuple[int, _Fd] | None = getattr(self._local, "entry", None)
         if entry is None or entry[0] != self._gen:
             return
-        self._give_up(entry[1])
+        fdo = entry[1]
+        t, fdo.ticket = fdo.ticket, -1
+        if t < 0 or fdo.fd < 0:
+            return
+        _PHASE.pack_into(self._buf, SLOTS_OFFSET + (t % SLOTS) * 16 + 8, DONE)
+        backend.ofd_unlock(fdo.fd, t % SLOTS)
 
 
 def _timed_wait(path: str, byte: int, timeout: float, registry: weakref.WeakSet[_Fd]) -> bool:

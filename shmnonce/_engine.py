@@ -236,17 +236,19 @@ class ShmNonce:
 
     def _extend(self, value: int, limit: int) -> int:
         """Persist a new ceiling above ``value`` before it is issued (lock held)."""
+        if not self._seg.is_linked():
+            # Someone removed the segment while we had it mapped; processes attaching
+            # now use a new one that starts above the ceiling we were given. Moving the
+            # ceiling from here could hand out values the new segment also issues.
+            raise StateError(
+                f"segment {self.segment_name} of sequence {self.name!r} was removed or "
+                "replaced while this process had it attached; close this handle and attach "
+                "again"
+            )
         ceiling = read_ceiling(self._ceiling_path)
         seg_id = self._seg.header.segment_id
-        if ceiling is not None:
-            if ceiling.segment_id not in (0, seg_id) and ceiling.limit > limit:
-                raise StateError(
-                    f"segment {self.segment_name} of sequence {self.name!r} was replaced by "
-                    f"another one (persisted ceiling {self._ceiling_path!r} moved to "
-                    f"{ceiling.limit}); attach again"
-                )
-            if ceiling.limit >= value:  # a writer died after persisting, before updating
-                return ceiling.limit
+        if ceiling is not None and ceiling.limit >= value:
+            return ceiling.limit  # a writer died after persisting, before updating the segment
         new_limit = min(U64_MAX, value + LEASE_NS)
         try:
             write_ceiling(self._ceiling_path, new_limit, seg_id)

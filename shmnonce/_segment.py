@@ -68,13 +68,28 @@ class Header(NamedTuple):
 class Segment:
     """A mapped segment plus the facts read from its header at attach time."""
 
-    __slots__ = ("buf", "created", "header", "name")
+    __slots__ = ("buf", "created", "header", "identity", "name")
 
-    def __init__(self, name: str, buf: mmap.mmap, header: Header, created: bool) -> None:
+    def __init__(
+        self, name: str, buf: mmap.mmap, header: Header, created: bool, identity: tuple[int, int]
+    ) -> None:
         self.name = name
         self.buf = buf
         self.header = header
         self.created = created
+        self.identity = identity
+
+    def is_linked(self) -> bool:
+        """Whether the name still refers to this mapping (not removed or replaced)."""
+        try:
+            fd = backend.shm_open(self.name)
+        except FileNotFoundError:
+            return False
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return (st.st_dev, st.st_ino) == self.identity
 
     def read_header(self) -> Header:
         return Header(*HEADER.unpack_from(self.buf, 0))
@@ -126,7 +141,8 @@ def open_segment(shm_name: str, seq: str, state_dir: str, lock_stat: os.stat_res
         except FileExistsError:  # created by a process that does not hold our lock file
             fd = backend.shm_open(shm_name)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size, identity = st.st_size, (st.st_dev, st.st_ino)
         where = f"shared-memory segment /dev/shm/{shm_name} of sequence {seq!r}"
         if size == 0:  # creator died between shm_open and ftruncate
             os.ftruncate(fd, SIZE)
@@ -156,7 +172,7 @@ def open_segment(shm_name: str, seq: str, state_dir: str, lock_stat: os.stat_res
     if problem:
         buf.close()
         raise StateError(f"{where} {problem}; {_repair(seq, state_dir)}")
-    return Segment(shm_name, buf, header, created)
+    return Segment(shm_name, buf, header, created, identity)
 
 
 def read_state_dir(buf: mmap.mmap) -> str | None:

@@ -14,6 +14,7 @@ import pytest
 
 from shmnonce import ShmNonce, StateError
 from shmnonce._ceiling import SIZE as CEILING_SIZE
+from shmnonce._engine import LEASE_NS
 from shmnonce._segment import RECORD, RECORD_OFFSET
 
 pytestmark = pytest.mark.timeout(120)
@@ -263,3 +264,27 @@ def test_reboot_end_to_end_under_faketime(state_dir: str) -> None:
     os.unlink(os.path.join(os.path.realpath(state_dir), "ft.ceiling"))
     third, _, _ = run("faketime", "-f", "-1h")
     assert third < first
+
+
+def test_segment_removed_while_attached(state_dir: str) -> None:
+    """A process whose segment was removed must not move the ceiling for the new one."""
+    a = ShmNonce.attach("rm", state_dir)
+    va = [a.next() for _ in range(10)]
+    _reboot(a)  # removed under a live process
+    b = ShmNonce.attach("rm", state_dir)
+    # before b has issued anything, a must not move the ceiling b started from
+    with pytest.raises(StateError, match="removed or replaced"):
+        a.jump_forward(3 * LEASE_NS)
+    vb = b.next()
+    # a keeps its lease, every value of it stays below b's
+    va += [a.next() for _ in range(10)]
+    assert max(va) < vb
+    with pytest.raises(StateError, match="removed or replaced"):
+        a.jump_forward(3 * LEASE_NS)  # needs a new lease: refused
+    with pytest.raises(StateError, match="removed or replaced"):
+        while True:  # a runs to the end of its lease
+            a._clock = lambda: 2**62  # type: ignore[method-assign]
+            a.next()
+    assert b.next() > vb
+    a.close()
+    b.unlink()

@@ -11,13 +11,20 @@ Two kinds of OS lock are used, both released by the kernel when their holder die
 
 from __future__ import annotations
 
+import sys
+
+if not sys.platform.startswith("linux"):  # pragma: no cover - checked at import
+    raise ImportError(
+        "shmnonce supports Linux only: serialized() relies on open-file-description "
+        f"locks (F_OFD_SETLKW), which {sys.platform} does not provide"
+    )
+
 import _posixshmem  # type: ignore[import-not-found]
 import errno
 import fcntl
 import mmap
 import os
 import struct
-import sys
 
 __all__ = [
     "flock_ex",
@@ -31,9 +38,6 @@ __all__ = [
     "shm_open",
     "shm_unlink",
 ]
-
-if not sys.platform.startswith("linux"):  # pragma: no cover - checked at import
-    raise ImportError("shmnonce's POSIX backend needs Linux (open-file-description locks)")
 
 # struct flock on Linux (x86_64, aarch64): short l_type, short l_whence, off_t l_start,
 # off_t l_len, pid_t l_pid, then padding to 32 bytes.

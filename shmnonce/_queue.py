@@ -16,6 +16,7 @@ each other); descriptors inherited across fork() are closed in the child.
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 import threading
@@ -35,6 +36,9 @@ WAITING = 1
 HELD = 2
 DONE = 0
 _PHASE = struct.Struct("<Q")
+LONG_WAIT_S = 5.0
+"""A wait for the section longer than this is logged as a warning."""
+log = logging.getLogger("shmnonce")
 
 
 class _Fd:
@@ -129,27 +133,18 @@ class SectionQueue:
         """Wait for the section; return ``issue()`` called inside it (counter lock held)."""
         if timeout is not None and timeout < 0:
             raise ValueError("timeout must be >= 0 or None")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
         fdo = self._thread_fd()
         if fdo.ticket >= 0:
             raise NonceError("serialized() is not re-entrant: this thread already holds it")
         fd = fdo.fd
-        with self._counter():
-            tail, head, entries, waited, torn, res = QUEUE.unpack_from(self._buf, QUEUE_OFFSET)
-            t = tail
-            if t - head >= SLOTS - 1:
-                self._blocker(fd, t)  # advances head past finished tickets
-                head = QUEUE.unpack_from(self._buf, QUEUE_OFFSET)[1]
-                if t - head >= SLOTS - 1:
-                    raise NonceError(f"more than {SLOTS - 1} threads wait for serialized()")
-            self._take_slot(fd, t)
-            self._set_slot(t, WAITING)
-            QUEUE.pack_into(self._buf, QUEUE_OFFSET, t + 1, head, entries, waited, torn, res)
-            fdo.ticket = t
-            blocker = self._blocker(fd, t)
-            if blocker is None:
-                return self._start(fdo, t, issue, waited=False)
         try:
+            with self._counter():
+                t = self._arrive(fdo)
+                blocker = self._blocker(fd, t)
+                if blocker is None:
+                    return self._start(t, issue, waited=False)
             while True:
                 if not self._wait_for(fd, blocker, deadline):
                     raise LockTimeout(
@@ -158,10 +153,30 @@ class SectionQueue:
                 with self._counter():
                     blocker = self._blocker(fd, t)
                     if blocker is None:
-                        return self._start(fdo, t, issue, waited=True)
+                        nonce = self._start(t, issue, waited=True)
+                        break
         except BaseException:
             self._give_up(fdo)
             raise
+        fdo_waited = time.monotonic() - start
+        if fdo_waited > LONG_WAIT_S:
+            log.warning("serialized() waited %.1f s for the section of %s", fdo_waited, self._path)
+        return nonce
+
+    def _arrive(self, fdo: _Fd) -> int:
+        """Take the next ticket and lock its slot byte (counter lock held)."""
+        tail, head, entries, waited, torn, res = QUEUE.unpack_from(self._buf, QUEUE_OFFSET)
+        t: int = tail
+        if t - head >= SLOTS - 1:
+            self._blocker(fdo.fd, t)  # advances head past finished tickets
+            head = QUEUE.unpack_from(self._buf, QUEUE_OFFSET)[1]
+            if t - head >= SLOTS - 1:
+                raise NonceError(f"more than {SLOTS - 1} threads wait for serialized()")
+        self._take_slot(fdo.fd, t)
+        self._set_slot(t, WAITING)
+        QUEUE.pack_into(self._buf, QUEUE_OFFSET, t + 1, head, entries, waited, torn, res)
+        fdo.ticket = t
+        return t
 
     def _take_slot(self, fd: int, t: int) -> None:
         byte = t % SLOTS
@@ -174,12 +189,8 @@ class SectionQueue:
             time.sleep(0)
         raise NonceError(f"queue slot {byte} stays locked")
 
-    def _start(self, fdo: _Fd, t: int, issue: Callable[[], int], waited: bool) -> int:
-        try:
-            nonce = issue()
-        except BaseException:
-            self._give_up_locked(fdo)
-            raise
+    def _start(self, t: int, issue: Callable[[], int], waited: bool) -> int:
+        nonce = issue()  # on error the caller gives the ticket up
         self._set_slot(t, HELD)
         self._bump(2)
         if waited:
@@ -211,6 +222,7 @@ class SectionQueue:
         backend.ofd_unlock(fdo.fd, t % SLOTS)
 
     def _give_up(self, fdo: _Fd) -> None:
+        """Withdraw this thread's ticket (timeout, error, or interrupt while waiting)."""
         if fdo.ticket >= 0 and fdo.fd >= 0:
             with self._counter():
                 self._give_up_locked(fdo)

@@ -86,6 +86,7 @@ class ShmNonce:
         self._closed = False
         self._views: list[memoryview] = []
         self._pid = os.getpid()
+        self._counter = _CounterLock(self)
         self._fd = self._open_lock()
         try:
             with self._short_lock():
@@ -151,23 +152,26 @@ class ShmNonce:
             fd = self._fd
             backend.flock_ex(fd, _LOCK_EX)
             try:
-                buf = self._buf
-                g, last, limit, total, prev, reg, g2 = RECORD.unpack_from(buf, RECORD_OFFSET)
-                now = self._clock()
-                v = last + 1
-                if now > v:
-                    v = now
-                if g != g2 or v > limit or now < prev - REGRESSION_NS:
-                    return self._issue_slow()
-                RECORD.pack_into(buf, RECORD_OFFSET, g + 1, v, limit, total + 1, now, reg, g + 1)
-                result: int = v
-                return result
+                return self._issue()
             finally:
                 backend.flock_un(fd)
         except (OSError, ValueError, TypeError) as exc:
             raise self._closed_error(exc) from exc
         finally:
             tlock.release()
+
+    def _issue(self) -> int:
+        """Issue one value (counter lock held): one unpack, one pack in the common case."""
+        buf = self._buf
+        g, last, limit, total, prev, reg, g2 = RECORD.unpack_from(buf, RECORD_OFFSET)
+        now = self._clock()
+        v: int = last + 1
+        if now > v:
+            v = now
+        if g != g2 or v > limit or now < prev - REGRESSION_NS:
+            return self._issue_slow()
+        RECORD.pack_into(buf, RECORD_OFFSET, g + 1, v, limit, total + 1, now, reg, g + 1)
+        return v
 
     def _closed_error(self, exc: BaseException) -> BaseException:
         if self._closed:
@@ -260,17 +264,9 @@ class ShmNonce:
         return new_limit
 
     # -- other operations ----------------------------------------------------------------
-    @contextlib.contextmanager
-    def _short_lock(self) -> Iterator[None]:
+    def _short_lock(self) -> _CounterLock:
         """The counter lock: excludes other next() calls host-wide for microseconds."""
-        with self._tlock:
-            if self._closed:
-                raise NonceError(f"sequence {self.name!r}: this handle is closed")
-            backend.flock_ex(self._fd, _LOCK_EX)
-            try:
-                yield
-            finally:
-                backend.flock_un(self._fd)
+        return self._counter
 
     def _shared(self, offset: int, size: int) -> memoryview:
         """A view of ``size`` bytes of the segment at ``offset`` (extension areas)."""
@@ -294,7 +290,7 @@ class ShmNonce:
         """
         if self._closed:
             raise NonceError(f"sequence {self.name!r}: this handle is closed")
-        nonce = self._queue.enter(timeout, self._issue_slow)
+        nonce = self._queue.enter(timeout, self._issue)
         try:
             yield nonce
         finally:
@@ -406,6 +402,34 @@ class ShmNonce:
     def __reduce__(self) -> tuple[Any, ...]:
         # Spawned children re-attach by name instead of copying a mapping.
         return (_reattach, (self.name, self.state_dir))
+
+
+class _CounterLock:
+    """Context manager for the counter lock: in-process lock, then ``flock``."""
+
+    __slots__ = ("_eng",)
+
+    def __init__(self, eng: ShmNonce) -> None:
+        self._eng = eng
+
+    def __enter__(self) -> None:
+        eng = self._eng
+        eng._tlock.acquire()
+        if eng._closed:
+            eng._tlock.release()
+            raise NonceError(f"sequence {eng.name!r}: this handle is closed")
+        try:
+            backend.flock_ex(eng._fd, _LOCK_EX)
+        except BaseException:
+            eng._tlock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        eng = self._eng
+        try:
+            backend.flock_un(eng._fd)
+        finally:
+            eng._tlock.release()
 
 
 def _reattach(name: str, state_dir: str) -> ShmNonce:

@@ -84,7 +84,7 @@ class ShmNonce:
         self._tlock = threading.Lock()
         self._fd = -1
         self._closed = False
-        self._views: list[memoryview] = []
+        self._views: dict[tuple[int, int], memoryview] = {}
         self._pid = os.getpid()
         self._counter = _CounterLock(self)
         self._fd = self._open_lock()
@@ -269,11 +269,19 @@ class ShmNonce:
         return self._counter
 
     def _shared(self, offset: int, size: int) -> memoryview:
-        """A view of ``size`` bytes of the segment at ``offset`` (extension areas)."""
+        """A view of ``size`` bytes of the segment at ``offset`` (extension areas).
+
+        One view per area and handle, released by close().
+        """
         if offset < 0 or size < 0 or offset + size > SIZE:
             raise ValueError("area outside the segment")
-        view = memoryview(self._buf)[offset : offset + size]
-        self._views.append(view)
+        view = self._views.get((offset, size))
+        try:
+            if view is not None and view.nbytes == size:
+                return view
+        except ValueError:  # released by its user
+            pass
+        view = self._views[(offset, size)] = memoryview(self._buf)[offset : offset + size]
         return view
 
     def peek(self) -> int:
@@ -358,7 +366,7 @@ class ShmNonce:
             self._closed = True
             _engines.discard(self)
             self._queue.close()
-            for view in self._views:
+            for view in self._views.values():
                 view.release()
             self._views.clear()
             fd, self._fd = self._fd, -1

@@ -1,14 +1,17 @@
-"""Command line: ``shmnonce status|next|jump|unlink NAME [--state-dir D]``."""
+"""Command line: ``shmnonce status|next|jump|unlink|import-legacy|doctor ... [--state-dir D]``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
 from ._engine import ShmNonce
 from ._errors import NonceError
+from ._legacy import LegacyImport, LegacyImportError, import_legacy
+from ._segment import SIZE
 
 __all__ = ["main"]
 
@@ -24,14 +27,37 @@ def _int_ns(text: str) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from ._procinfo import find_holder, scan_attached
+
     with ShmNonce.attach(args.name, args.state_dir) as eng:
-        stats = dict(eng.stats())
+        stats: dict[str, object] = dict(eng.stats())
+        base = os.path.join(eng.state_dir, eng.name)
+        scan = scan_attached(
+            eng.segment_name, base + ".lock", base + ".queue", exclude_pid=os.getpid()
+        )
+        seg = eng._shared(0, SIZE)
+        holder = find_holder(seg, base + ".queue", scan.processes)
+    stats["attached"] = [p.as_dict() for p in scan.processes]
+    stats["attached_uninspectable"] = scan.uninspectable
+    stats["lock_holder"] = None if holder is None else holder.as_dict()
     if args.json:
         print(json.dumps(stats, sort_keys=True))
-    else:
-        width = max(len(k) for k in stats)
-        for key, value in stats.items():
-            print(f"{key:<{width}}  {value}")
+        return 0
+    width = max(len(k) for k in stats)
+    for key, value in stats.items():
+        if key == "attached":
+            procs = ", ".join(
+                f"{p.pid} ({p.name}, {p.username})" for p in scan.processes
+            )
+            value = f"{len(scan.processes)} process(es)" + (f": {procs}" if procs else "")
+        elif key == "lock_holder":
+            if holder is None:
+                value = "none"
+            elif holder.pid is None:
+                value = f"unknown (ticket {holder.ticket}): {holder.note}"
+            else:
+                value = f"{holder.pid} ({holder.name}, {holder.username}), ticket {holder.ticket}"
+        print(f"{key:<{width}}  {value}")
     return 0
 
 
@@ -54,6 +80,53 @@ def _unlink(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_legacy(args: argparse.Namespace) -> int:
+    try:
+        report = import_legacy(args.name, args.files, args.state_dir, skip_bad=args.skip_bad)
+    except LegacyImportError as exc:
+        _print_import(exc.report, args.json)
+        raise
+    _print_import(report, args.json)
+    if not report.applied:
+        print("shmnonce: warning: no usable value; the sequence was not changed", file=sys.stderr)
+    return 0
+
+
+def _print_import(report: LegacyImport, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report.as_dict(), sort_keys=True))
+        return
+    for f in report.files:
+        if f.ok:
+            conv = f" = {f.value_ns} ns" if f.unit == "ms" else ""
+            print(f"ok   {f.path}: {f.raw} ({f.unit}){conv}")
+        else:
+            print(f"BAD  {f.path}: {f.error}")
+    if report.applied:
+        change = "raised" if report.raised else "already above every value, unchanged"
+        print(
+            f"sequence {report.name}: {change}; last value {report.after} "
+            f"(was {report.before}, highest legacy value {report.highest_ns})"
+        )
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from ._doctor import run_doctor
+
+    report = run_doctor(args.name, args.state_dir)
+    if args.json:
+        print(json.dumps(report.as_dict(), sort_keys=True))
+    else:
+        for f in report.findings:
+            seq = f"[{f.sequence}] " if f.sequence else ""
+            print(f"{f.status.upper():<5}  {f.check:<14}  {seq}{f.message}")
+        print(
+            f"summary: {report.count('ok')} ok, {report.count('warn')} warning(s), "
+            f"{report.count('error')} error(s)"
+        )
+    return 0 if report.ok else 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; extension commands add sub-parsers to it."""
     parser = argparse.ArgumentParser(
@@ -73,14 +146,35 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    add("status", _status, "show the sequence's values and counters").add_argument(
-        "--json", action="store_true", help="print one JSON object"
-    )
+    add(
+        "status", _status, "show the sequence's values, counters, attached processes and lock holder"
+    ).add_argument("--json", action="store_true", help="print one JSON object")
     add("next", _next, "issue one value and print it")
     add("jump", _jump, "set the last value to max(last, now) + NS and print it").add_argument(
         "ns", metavar="NS", type=_int_ns, help="nanoseconds to jump ahead"
     )
     add("unlink", _unlink, "destroy the segment and the persisted state")
+    imp = add(
+        "import-legacy", _import_legacy,
+        "raise the sequence above the values in legacy nonce files (one integer each; "
+        "13 digits = milliseconds, converted to ns)",
+    )
+    imp.add_argument("files", metavar="FILE", nargs="+", help="legacy nonce file")
+    imp.add_argument(
+        "--skip-bad", action="store_true",
+        help="import the good files even if some are bad (default: change nothing)",
+    )
+    imp.add_argument("--json", action="store_true", help="print one JSON object")
+    doc_help = (
+        "check the state directory, the persisted ceilings, the clock and leftover "
+        "segments (read-only); exit 2 if a check fails"
+    )
+    doc = sub.add_parser("doctor", help=doc_help, description=doc_help)
+    doc.add_argument("name", metavar="NAME", nargs="?", default=None,
+                     help="sequence name (default: every sequence in the state directory)")
+    doc.add_argument("--state-dir", metavar="D", default=None, help="state directory")
+    doc.add_argument("--json", action="store_true", help="print one JSON object")
+    doc.set_defaults(func=_doctor)
     return parser
 
 

@@ -1,0 +1,421 @@
+"""Kraken's REST call counter and a start-up burst guard, shared by every process.
+
+Both live in the engine's reserved segment area ``EXT_RATELIMIT`` (256 bytes), so
+all processes attached to a sequence (for Kraken: one sequence per API key) see
+one counter instead of each guessing alone. Layout, little-endian u64 fields:
+
+* bytes 0-127, the call counter: ``gen, tat_ns, calls, cost, waits, wait_ns,
+  max_wait_ns, <6 event counters>, resets, config, gen``;
+* bytes 128-255, the burst guard: ``gen, created_at_ns, next_slot_ns,
+  acquired, waits, wait_ns, max_wait_ns, <8 spare>, gen``.
+
+Each record is bracketed by a generation number written first and last; a
+record whose two generation numbers differ was torn by a killed writer and is
+reset (the counter conservatively to "full"). Times are ``time.monotonic_ns()``,
+one clock for all processes of the host (CLOCK_MONOTONIC), reset with the segment
+at reboot.
+
+The counter is kept as a "theoretical empty time" (GCRA): the level at time t is
+``max(0, tat - t) * decay``. A call of cost c moves ``tat`` to
+``max(tat, now) + c / decay`` and may start once the level is at most
+``max_counter - headroom``; the slot is reserved under the engine's short lock
+and the wait happens after the lock is released.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol
+
+__all__ = [
+    "DEFAULT_COSTS",
+    "EVENTS",
+    "PRESETS",
+    "CallCounter",
+    "RateLimit",
+    "StartupBurstGuard",
+    "resolve_rate_limit",
+]
+
+from ._segment import EXT_RATELIMIT_OFFSET, EXT_RATELIMIT_SIZE
+
+_NS = 1_000_000_000
+_U64 = (1 << 64) - 1
+
+_COUNTER_OFF = 0
+_BURST_OFF = 128
+_RECORD_SIZE = 128
+_FIELDS = 14  # u64 fields between the two generation numbers of a record
+_BODY = struct.Struct(f"<{_FIELDS}Q")
+_GEN = struct.Struct("<Q")
+
+# Event counters kept in the call-counter record (indices into the body).
+EVENTS: tuple[str, ...] = (
+    "rate_limit_errors",
+    "lockouts",
+    "invalid_nonce",
+    "retries",
+    "invalid_nonce_raised",
+    "transport_errors",
+)
+_C_TAT, _C_CALLS, _C_COST, _C_WAITS, _C_WAIT_NS, _C_MAX_WAIT = range(6)
+_C_EVENT0 = 6
+_C_RESETS = _C_EVENT0 + len(EVENTS)  # 12
+_C_CONFIG = _C_RESETS + 1  # 13: max_counter*1000 (high 32 bits) | decay*1e6 (low 32 bits)
+
+_B_CREATED, _B_NEXT, _B_ACQUIRED, _B_WAITS, _B_WAIT_NS, _B_MAX_WAIT = range(6)
+
+# Longest plausible distance of a stored time from now; beyond it the record is garbage.
+_SANE_NS = 86_400 * _NS
+
+DEFAULT_COSTS: Mapping[str, int] = MappingProxyType(
+    {
+        "Ledgers": 2,
+        "QueryLedgers": 2,
+        "TradesHistory": 2,
+        "QueryTrades": 2,
+        "AddOrder": 0,
+        "CancelOrder": 0,
+    }
+)
+"""Call-counter cost per private method; every method not listed costs 1.
+
+From Kraken's "Spot REST rate limits": ledger and trade history calls cost 2,
+AddOrder and CancelOrder are on the separate trading-engine limiter. Other order
+methods (AddOrderBatch, EditOrder, CancelAll, ...) are charged 1: charging a call
+Kraken does not count only costs a little waiting, the reverse costs errors.
+"""
+
+
+class _Engine(Protocol):
+    """The engine internals this module uses (see the internal hooks brief)."""
+
+    def _short_lock(self) -> AbstractContextManager[object]: ...
+
+    def _shared(self, offset: int, size: int) -> memoryview: ...
+
+    def stats(self) -> Mapping[str, object]: ...
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Parameters of Kraken's REST call counter for one API key.
+
+    ``max_counter`` and ``decay_per_s`` are Kraken's values for the account tier.
+    ``headroom`` counter units are kept free: Kraken decays the counter in steps
+    "every couple of seconds" and requests arrive with network jitter, so
+    running exactly at the maximum would be rejected now and then.
+    """
+
+    max_counter: float
+    decay_per_s: float
+    headroom: float = 1.0
+    name: str = "custom"
+    costs: Mapping[str, int] = field(default_factory=lambda: DEFAULT_COSTS, hash=False)
+
+    def __post_init__(self) -> None:
+        if not (self.max_counter > 0 and self.decay_per_s > 0 and self.headroom >= 0):
+            raise ValueError("RateLimit needs max_counter > 0, decay_per_s > 0, headroom >= 0")
+        if self.max_counter - self.headroom < 1:
+            raise ValueError("RateLimit: max_counter - headroom must leave room for one call")
+        if self.max_counter >= 4_000_000 or self.decay_per_s >= 4_000:
+            raise ValueError("RateLimit: max_counter or decay_per_s out of range")
+        if any(not isinstance(c, int) or c < 0 for c in self.costs.values()):
+            raise ValueError("RateLimit: costs must be non-negative ints")
+
+    def cost(self, method: str) -> int:
+        """Counter cost of a private method (1 unless listed in ``costs``)."""
+        return self.costs.get(method, 1)
+
+    @property
+    def capacity(self) -> float:
+        """Counter level the limiter lets calls reach: ``max_counter - headroom``."""
+        return self.max_counter - self.headroom
+
+    def with_headroom(self, headroom: float) -> RateLimit:
+        """The same limit with another headroom."""
+        return RateLimit(self.max_counter, self.decay_per_s, headroom, self.name, self.costs)
+
+
+PRESETS: Mapping[str, RateLimit] = MappingProxyType(
+    {
+        "starter": RateLimit(15, 0.33, name="starter"),
+        "intermediate": RateLimit(20, 0.5, name="intermediate"),
+        "pro": RateLimit(20, 1.0, name="pro"),
+    }
+)
+"""Kraken's documented verification tiers (max counter, decay per second)."""
+
+
+def resolve_rate_limit(value: str | RateLimit | None) -> RateLimit | None:
+    """Accept a preset name, a RateLimit, or None (no limiting)."""
+    if value is None or isinstance(value, RateLimit):
+        return value
+    if isinstance(value, str) and value in PRESETS:
+        return PRESETS[value]
+    raise ValueError(f"unknown rate limit {value!r}: use one of {sorted(PRESETS)}, "
+                     "a RateLimit(...) or None")
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _read(mv: memoryview, off: int) -> tuple[list[int], bool]:
+    """Return (body fields, valid). A fresh (all-zero) record is valid."""
+    front = _GEN.unpack_from(mv, off)[0]
+    back = _GEN.unpack_from(mv, off + _RECORD_SIZE - 8)[0]
+    body = list(_BODY.unpack_from(mv, off + 8))
+    return body, front == back
+
+
+def _write(mv: memoryview, off: int, body: list[int]) -> None:
+    """Write a record: new generation first, then the body, then the generation again."""
+    gen = _GEN.unpack_from(mv, off)[0]
+    gen = 1 if gen >= _U64 else gen + 1
+    _GEN.pack_into(mv, off, gen)
+    _BODY.pack_into(mv, off + 8, *(min(max(int(v), 0), _U64) for v in body))
+    _GEN.pack_into(mv, off + _RECORD_SIZE - 8, gen)
+
+
+class _Area:
+    """Access to the 256-byte EXT_RATELIMIT area under the engine's short lock.
+
+    The view is taken once per handle and reused (the engine keeps every view it
+    hands out until ``close()``, which releases them).
+    """
+
+    def __init__(self, engine: _Engine) -> None:
+        if EXT_RATELIMIT_SIZE < 2 * _RECORD_SIZE:  # pragma: no cover - layout guard
+            raise RuntimeError("EXT_RATELIMIT area is too small")
+        self.engine = engine
+        self._view: memoryview | None = None
+
+    @contextmanager
+    def locked(self) -> Iterator[memoryview]:
+        """The area's memoryview while holding the short lock."""
+        with self.engine._short_lock():
+            if self._view is None:
+                self._view = self.engine._shared(EXT_RATELIMIT_OFFSET, EXT_RATELIMIT_SIZE)
+            yield self._view
+
+
+# --------------------------------------------------------------------------- call counter
+
+
+class CallCounter:
+    """Kraken's per-key REST call counter, shared across processes through the segment.
+
+    ``acquire(cost)`` reserves the next slot at which the counter stays within
+    ``limit.capacity`` and sleeps until then (outside the lock). With
+    ``limit=None`` nothing waits, but calls and events are still counted.
+    """
+
+    def __init__(self, engine: _Engine, limit: RateLimit | None) -> None:
+        self.limit = limit
+        self._area = _Area(engine)
+        self._clock: Callable[[], int] = time.monotonic_ns
+        self._sleep: Callable[[float], None] = time.sleep
+
+    def _load(self, mv: memoryview, now: int) -> list[int]:
+        """The counter record; a torn or implausible one is reset to a full counter."""
+        body, valid = _read(mv, _COUNTER_OFF)
+        if valid and (body[_C_TAT] == 0 or abs(body[_C_TAT] - now) < _SANE_NS):
+            return body  # tat == 0: fresh area (segment just created), empty counter
+        resets = body[_C_RESETS] + 1 if valid else 1
+        body = [0] * _FIELDS
+        body[_C_RESETS] = resets
+        body[_C_TAT] = now
+        if self.limit is not None:
+            body[_C_TAT] += int(self.limit.max_counter / self.limit.decay_per_s * _NS)
+        return body
+
+    def _config_word(self) -> int:
+        if self.limit is None:
+            return 0
+        return (int(self.limit.max_counter * 1000) << 32) | int(self.limit.decay_per_s * 1e6)
+
+    def reserve(self, cost: int) -> int:
+        """Reserve a slot for a call of ``cost``; return the nanoseconds to wait before it."""
+        if cost < 0:
+            raise ValueError("cost must be >= 0")
+        wait_ns = 0
+        with self._area.locked() as mv:
+            now = self._clock()
+            body = self._load(mv, now)
+            limit = self.limit
+            if limit is not None:
+                cost_ns = int(cost / limit.decay_per_s * _NS)
+                ahead_ns = int(limit.capacity / limit.decay_per_s * _NS)
+                new_tat = max(body[_C_TAT], now) + cost_ns
+                # A call dearer than the capacity waits for an empty counter.
+                wait_ns = max(0, new_tat - now - max(ahead_ns, cost_ns))
+                body[_C_TAT] = new_tat
+                body[_C_CONFIG] = self._config_word()
+            body[_C_CALLS] += 1
+            body[_C_COST] += cost
+            if wait_ns:
+                body[_C_WAITS] += 1
+                body[_C_WAIT_NS] += wait_ns
+                body[_C_MAX_WAIT] = max(body[_C_MAX_WAIT], wait_ns)
+            _write(mv, _COUNTER_OFF, body)
+        return wait_ns
+
+    def acquire(self, cost: int = 1) -> float:
+        """Reserve a slot, then sleep until it (outside the lock). Returns seconds waited."""
+        wait_ns = self.reserve(cost)
+        if wait_ns:
+            self._sleep(wait_ns / _NS)
+        return wait_ns / _NS
+
+    def count(self, event: str, n: int = 1) -> None:
+        """Add ``n`` to one of the shared ``EVENTS`` counters."""
+        idx = _C_EVENT0 + EVENTS.index(event)
+        with self._area.locked() as mv:
+            body = self._load(mv, self._clock())
+            body[idx] += n
+            _write(mv, _COUNTER_OFF, body)
+
+    def level(self) -> float:
+        """The modelled counter level now (0.0 when no limit is set)."""
+        with self._area.locked() as mv:
+            now = self._clock()
+            tat = self._load(mv, now)[_C_TAT]
+        if self.limit is None:
+            return 0.0
+        return max(0, tat - now) / _NS * self.limit.decay_per_s
+
+    def stats(self) -> dict[str, object]:
+        """Shared counts of this key's calls, waits and Kraken errors (all processes)."""
+        with self._area.locked() as mv:
+            now = self._clock()
+            body = self._load(mv, now)
+        lim = self.limit
+        level = 0.0 if lim is None else max(0, body[_C_TAT] - now) / _NS * lim.decay_per_s
+        out: dict[str, object] = {
+            "rate_limit": None if lim is None else lim.name,
+            "rate_limit_max": None if lim is None else lim.max_counter,
+            "rate_limit_decay_per_s": None if lim is None else lim.decay_per_s,
+            "rate_limit_headroom": None if lim is None else lim.headroom,
+            "counter_level": round(level, 6),
+            "calls": body[_C_CALLS],
+            "cost_total": body[_C_COST],
+            "waits": body[_C_WAITS],
+            "wait_s_total": body[_C_WAIT_NS] / _NS,
+            "max_wait_s": body[_C_MAX_WAIT] / _NS,
+            "area_resets": body[_C_RESETS],
+        }
+        for i, name in enumerate(EVENTS):
+            out[name] = body[_C_EVENT0 + i]
+        return out
+
+
+# --------------------------------------------------------------------------- burst guard
+
+
+class StartupBurstGuard:
+    """Spaces calls during the first seconds after the sequence's segment was created.
+
+    When many workers start at once (a pool boots, a host reboots) they all make
+    their first private call together. During ``window_s`` seconds after the
+    segment's creation, calls across all processes are spaced at least
+    ``max(min_spacing_s, 1 / max_per_s)`` apart (``max_per_s=0``: no rate cap).
+    A call that asks during the window keeps its place even if its slot falls
+    after the window; calls that ask after the window never wait.
+    """
+
+    def __init__(
+        self,
+        engine: _Engine,
+        min_spacing_s: float = 0.5,
+        window_s: float = 10.0,
+        max_per_s: float = 20.0,
+    ) -> None:
+        if min_spacing_s < 0 or window_s < 0 or max_per_s < 0:
+            raise ValueError("StartupBurstGuard parameters must be >= 0")
+        self.engine = engine
+        self.min_spacing_s = float(min_spacing_s)
+        self.window_s = float(window_s)
+        self.max_per_s = float(max_per_s)
+        self.spacing_s = max(self.min_spacing_s, 1.0 / self.max_per_s if self.max_per_s else 0.0)
+        self._spacing_ns = int(self.spacing_s * _NS)
+        self._window_ns = int(self.window_s * _NS)
+        self._area = _Area(engine)
+        self._clock: Callable[[], int] = time.monotonic_ns
+        self._wall: Callable[[], int] = time.time_ns
+        self._sleep: Callable[[float], None] = time.sleep
+
+    def _created_at(self) -> int:
+        """Segment creation time (wall ns) from the engine; called outside the short lock."""
+        value = self.engine.stats()["created_at"]
+        if not isinstance(value, int):
+            raise TypeError("engine stats()['created_at'] must be an int (ns)")
+        return value
+
+    def _update(self, reserve: bool) -> tuple[list[int], int]:
+        """Read (and with ``reserve``, take a slot in) the burst record; return (body, wait_ns).
+
+        A fresh or torn record needs the segment's creation time, which is read
+        outside the lock; then the record is initialised on the second pass.
+        """
+        created_at: int | None = None
+        while True:
+            with self._area.locked() as mv:
+                body, valid = _read(mv, _BURST_OFF)
+                ready = valid and body[_B_CREATED] != 0
+                dirty = False
+                if not ready and created_at is not None:
+                    body = [0] * _FIELDS
+                    body[_B_CREATED] = created_at
+                    if not valid:  # torn by a killed writer: space from now on
+                        body[_B_NEXT] = self._clock() + self._spacing_ns
+                    ready = dirty = True
+                if ready:
+                    wait_ns = 0
+                    now = self._clock()
+                    if reserve and self._wall() < body[_B_CREATED] + self._window_ns:
+                        slot = max(now, body[_B_NEXT])
+                        wait_ns = slot - now
+                        body[_B_NEXT] = slot + self._spacing_ns
+                        body[_B_ACQUIRED] += 1
+                        if wait_ns:
+                            body[_B_WAITS] += 1
+                            body[_B_WAIT_NS] += wait_ns
+                            body[_B_MAX_WAIT] = max(body[_B_MAX_WAIT], wait_ns)
+                        dirty = True
+                    if dirty:
+                        _write(mv, _BURST_OFF, body)
+                    return body, wait_ns
+            created_at = self._created_at()
+
+    def acquire(self) -> float:
+        """Wait for this call's slot if inside the start-up window; return seconds waited."""
+        wait_ns = self._update(reserve=True)[1]
+        if wait_ns:
+            self._sleep(wait_ns / _NS)
+        return wait_ns / _NS
+
+    def in_window(self) -> bool:
+        """True while the start-up window of the sequence's segment is open."""
+        return self._wall() < self._update(reserve=False)[0][_B_CREATED] + self._window_ns
+
+    def stats(self) -> dict[str, object]:
+        """Shared counts of the guard (all processes) and its parameters."""
+        body = self._update(reserve=False)[0]
+        remaining = (body[_B_CREATED] + self._window_ns - self._wall()) / _NS
+        return {
+            "in_window": remaining > 0,
+            "window_remaining_s": max(0.0, remaining),
+            "window_s": self.window_s,
+            "min_spacing_s": self.min_spacing_s,
+            "max_per_s": self.max_per_s,
+            "spacing_s": self.spacing_s,
+            "acquired": body[_B_ACQUIRED],
+            "waits": body[_B_WAITS],
+            "wait_s_total": body[_B_WAIT_NS] / _NS,
+            "max_wait_s": body[_B_MAX_WAIT] / _NS,
+        }

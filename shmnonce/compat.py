@@ -1,0 +1,761 @@
+"""Drop-in replacement for a process-global Kraken nonce manager, shared by every process.
+
+Many bots use a "global Kraken nonce manager" module with these names::
+
+    get_global_nonce_manager()      # the manager object (singleton)
+    get_global_kraken_nonce()       # next nonce
+    get_kraken_nonce()              # legacy alias
+    get_kraken_api_lock()           # with get_kraken_api_lock(): api.query_private(...)
+    get_global_nonce_stats()        # dict of counters
+
+That design keeps its state in one process, so two workers of the same bot issue
+colliding nonces and call Kraken in parallel. Here the same names are backed by a
+:class:`~shmnonce.ShmNonce` sequence: nonces are unique and increasing across every
+process on the host, the lock excludes other processes as well as other threads,
+and the statistics are host-wide. Switching is one import::
+
+    # before
+    from bot.global_kraken_nonce import get_global_kraken_nonce, get_kraken_api_lock
+    # after
+    from shmnonce.compat import get_global_kraken_nonce, get_kraken_api_lock
+
+Which sequence is used (first match wins):
+
+1. :func:`configure` (``name=``, ``state_dir=`` or ``api_key=``), called before first use;
+2. ``SHMNONCE_COMPAT_NAME`` (and ``SHMNONCE_COMPAT_STATE_DIR``);
+3. ``SHMNONCE_COMPAT_KEY_ENV``: the name of an environment variable holding the API
+   key; the sequence is then the key's own sequence, the one
+   ``shmnonce.kraken.KrakenAPI`` uses for that key (only a hash of the key is kept);
+4. the name ``kraken-global``.
+
+The state directory is ``state_dir=``, else ``SHMNONCE_COMPAT_STATE_DIR``, else the
+engine's default (``SHMNONCE_STATE_DIR``, ``$XDG_STATE_HOME/shmnonce``, ...).
+The start-up guard takes ``SHMNONCE_COMPAT_STARTUP_WINDOW_S`` (default 10),
+``SHMNONCE_COMPAT_MIN_SPACING_S`` (0.5) and ``SHMNONCE_COMPAT_MAX_BURST_RATE`` (20).
+A wait of more than 5 s for the API lock is logged as a warning by the engine.
+
+Each function documents where it differs from the single-process original.
+:func:`import_legacy` (from ``shmnonce._legacy``) raises a sequence above the values
+in the original's nonce files; run it (or ``shmnonce import-legacy``) once before the
+switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import Any
+
+from ._engine import ShmNonce
+from ._errors import LockTimeout, NonceError
+from ._legacy import LegacyImport, LegacyImportError, import_legacy
+from ._paths import api_key_name, resolve_state_dir, validate_name
+from ._ratelimit import StartupBurstGuard
+from ._segment import EXT_COMPAT_OFFSET, EXT_COMPAT_SIZE
+
+__all__ = [
+    "CompatLock",
+    "GlobalKrakenNonceManager",
+    "LegacyImport",
+    "LegacyImportError",
+    "close_global_nonce_manager",
+    "configure",
+    "get_global_kraken_nonce",
+    "get_global_nonce_manager",
+    "get_global_nonce_stats",
+    "get_kraken_api_lock",
+    "get_kraken_nonce",
+    "import_legacy",
+    "jump_global_kraken_nonce_forward",
+]
+
+log = logging.getLogger("shmnonce")
+
+ENV_NAME = "SHMNONCE_COMPAT_NAME"
+ENV_STATE_DIR = "SHMNONCE_COMPAT_STATE_DIR"
+ENV_KEY_ENV = "SHMNONCE_COMPAT_KEY_ENV"
+ENV_STARTUP_WINDOW = "SHMNONCE_COMPAT_STARTUP_WINDOW_S"
+ENV_MIN_SPACING = "SHMNONCE_COMPAT_MIN_SPACING_S"
+ENV_MAX_BURST = "SHMNONCE_COMPAT_MAX_BURST_RATE"
+DEFAULT_NAME = "kraken-global"
+
+_NS = 1_000_000_000
+_RING = 16
+"""How many of the latest nonce times (host-wide) ``recent_burst_rate`` is computed over."""
+
+# The compat counters in the segment's EXT_COMPAT area (u64, little-endian):
+# gen, started_at (wall ns), nonces, lock_entries, lock_waits, lock_wait_ns,
+# rate_limited, rate_limited_ns, ring_pos, ring[16] (monotonic ns), gen.
+_REC = struct.Struct(f"<9Q{_RING}QQ")
+_GEN, _STARTED, _NONCES, _ENTRIES, _LWAITS, _LWAIT_NS, _RLIM, _RLIM_NS, _RPOS = range(9)
+_RING0 = 9
+_GEN2 = _RING0 + _RING
+_U64 = 2**64 - 1
+_LOCK_WAIT_COUNTED_NS = 1_000_000
+"""An API-lock entry that waited longer than this (1 ms) counts in ``api_lock_waits``."""
+
+assert _REC.size <= EXT_COMPAT_SIZE
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _env_float(var: str, default: float) -> float:
+    raw = os.environ.get(var)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {var}={raw!r} is not a number") from None
+    if not value >= 0:
+        raise ValueError(f"environment variable {var}={raw!r} must be >= 0")
+    return value
+
+
+@dataclass(frozen=True)
+class _Settings:
+    name: str | None = None
+    state_dir: str | None = None
+    startup_window_s: float | None = None
+    min_spacing_s: float | None = None
+    max_burst_rate: float | None = None
+
+    def sequence(self) -> tuple[str, str | None]:
+        """(sequence name, state_dir or None) from the settings, then the environment."""
+        state_dir = self.state_dir or os.environ.get(ENV_STATE_DIR) or None
+        if self.name is not None:  # configure(api_key=...) stored the key's hashed name
+            return validate_name(self.name), state_dir
+        env_name = os.environ.get(ENV_NAME)
+        if env_name:
+            return validate_name(env_name), state_dir
+        key_var = os.environ.get(ENV_KEY_ENV)
+        if key_var:
+            key = os.environ.get(key_var)
+            if not key:
+                raise ValueError(
+                    f"{ENV_KEY_ENV} names the environment variable {key_var!r}, which is unset or empty"
+                )
+            return api_key_name(key), state_dir
+        return DEFAULT_NAME, state_dir
+
+    def guard(self) -> tuple[float, float, float]:
+        """(min_spacing_s, window_s, max_per_s) of the start-up burst guard."""
+        return (
+            self.min_spacing_s if self.min_spacing_s is not None else _env_float(ENV_MIN_SPACING, 0.5),
+            self.startup_window_s if self.startup_window_s is not None
+            else _env_float(ENV_STARTUP_WINDOW, 10.0),
+            self.max_burst_rate if self.max_burst_rate is not None else _env_float(ENV_MAX_BURST, 20.0),
+        )
+
+
+_settings = _Settings()
+_registry: dict[tuple[str, str], GlobalKrakenNonceManager] = {}
+_default_key: tuple[str, str] | None = None
+_registry_lock = threading.Lock()
+
+
+def _after_fork_child() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_child)
+
+
+def configure(
+    name: str | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
+    *,
+    api_key: str | bytes | None = None,
+    startup_window_s: float | None = None,
+    min_spacing_s: float | None = None,
+    max_burst_rate: float | None = None,
+) -> None:
+    """Choose the sequence and tuning of the process-global manager (not in the original).
+
+    Call it before the first use of the other functions; arguments left ``None``
+    fall back to the environment variables (see the module docs). ``api_key``
+    selects the key's own sequence (the one ``shmnonce.kraken`` uses); the key is
+    only hashed, never stored. Calling it again with other values after the
+    manager was created raises :class:`NonceError`: code holding the old manager
+    or lock would otherwise use another sequence than new code.
+    """
+    global _settings
+    if name is not None and api_key is not None:
+        raise ValueError("give either name or api_key, not both")
+    for label, value in (
+        ("startup_window_s", startup_window_s), ("min_spacing_s", min_spacing_s),
+        ("max_burst_rate", max_burst_rate),
+    ):
+        if value is not None and not value >= 0:
+            raise ValueError(f"{label} must be >= 0")
+    if name is not None:
+        validate_name(name)
+    if api_key is not None:
+        name = api_key_name(api_key)  # keep only the hash of the key
+    new = _Settings(
+        name, None if state_dir is None else os.fspath(state_dir),
+        startup_window_s, min_spacing_s, max_burst_rate,
+    )
+    with _registry_lock:
+        current = _registry.get(_default_key) if _default_key is not None else None
+        if current is not None and not current._closed:
+            seq, sd = new.sequence()
+            same = (
+                seq == current.engine.name
+                and resolve_state_dir(sd) == current.engine.state_dir
+                and new.guard() == current._settings.guard()
+            )
+            if not same:
+                raise NonceError(
+                    "shmnonce.compat is already in use with sequence "
+                    f"{current.engine.name!r}; call configure() before the first nonce or lock"
+                )
+        _settings = new
+
+
+def close_global_nonce_manager() -> None:
+    """Detach every compat manager of this process (not in the original).
+
+    The sequence lives on; the next call of any function here attaches again.
+    Managers and locks obtained before are closed and raise :class:`NonceError`.
+    """
+    global _default_key
+    with _registry_lock:
+        managers = list(_registry.values())
+        _registry.clear()
+        _default_key = None
+    for mgr in managers:
+        mgr.close()
+
+
+# --------------------------------------------------------------------------- counters
+
+
+class _Counters:
+    """Host-wide compat counters in the segment's EXT_COMPAT area (torn-safe).
+
+    Updated under the engine's counter lock; the record is bracketed by a generation
+    number written first and last, and a mismatch (a writer killed mid-update)
+    resets the counters, logged as a warning.
+    """
+
+    def __init__(self, eng: ShmNonce) -> None:
+        self._eng = eng
+        self._view = eng._shared(EXT_COMPAT_OFFSET, EXT_COMPAT_SIZE)
+
+    def _load(self) -> tuple[list[int], bool]:
+        """The record (lock held); the flag says it was torn and has been reset."""
+        vals = list(_REC.unpack_from(self._view, 0))
+        torn = vals[_GEN] != vals[_GEN2]
+        if torn or vals[_STARTED] == 0:
+            gen = max(vals[_GEN], vals[_GEN2])
+            vals = [0] * len(vals)
+            vals[_GEN] = vals[_GEN2] = gen
+            vals[_STARTED] = time.time_ns()
+        return vals, torn
+
+    def _store(self, vals: list[int]) -> None:
+        gen = vals[_GEN] + 1 if vals[_GEN] < _U64 else 1
+        vals[_GEN] = vals[_GEN2] = gen
+        _REC.pack_into(self._view, 0, *(min(v, _U64) for v in vals))
+
+    def _update(self, apply: Callable[[list[int]], None] | None) -> list[int]:
+        with self._eng._short_lock():
+            vals, torn = self._load()
+            if apply is not None:
+                apply(vals)
+            if apply is not None or torn or vals[_GEN] == 0:
+                self._store(vals)
+        if torn:
+            log.warning(
+                "sequence %r: the compat counters were torn (a process was killed while "
+                "updating them); they restart from zero", self._eng.name,
+            )
+        return vals
+
+    def nonce(self, waited_ns: int) -> None:
+        def apply(v: list[int]) -> None:
+            v[_NONCES] += 1
+            v[_RING0 + v[_RPOS] % _RING] = time.monotonic_ns()
+            v[_RPOS] += 1
+            if waited_ns > 0:
+                v[_RLIM] += 1
+                v[_RLIM_NS] += waited_ns
+
+        self._update(apply)
+
+    def lock_entry(self, waited_ns: int) -> None:
+        def apply(v: list[int]) -> None:
+            v[_ENTRIES] += 1
+            if waited_ns > _LOCK_WAIT_COUNTED_NS:
+                v[_LWAITS] += 1
+            v[_LWAIT_NS] += waited_ns
+
+        self._update(apply)
+
+    def clear_ring(self) -> None:
+        def apply(v: list[int]) -> None:
+            v[_RPOS] = 0
+            v[_RING0:_GEN2] = [0] * _RING
+
+        self._update(apply)
+
+    def reset(self) -> None:
+        def apply(v: list[int]) -> None:
+            gen = v[_GEN]
+            v[:] = [0] * len(v)
+            v[_GEN] = v[_GEN2] = gen
+            v[_STARTED] = time.time_ns()
+
+        self._update(apply)
+
+    def snapshot(self) -> list[int]:
+        return self._update(None)
+
+    def release(self) -> None:
+        self._view.release()
+
+
+def _burst_rate(vals: list[int]) -> float:
+    """Nonces per second over the latest (up to 16) nonces issued through compat, host-wide."""
+    n = min(vals[_RPOS], _RING)
+    if n < 2:
+        return 0.0
+    pos = vals[_RPOS]
+    newest = vals[_RING0 + (pos - 1) % _RING]
+    oldest = vals[_RING0 + (pos - n) % _RING]
+    span = newest - oldest
+    return (n - 1) / (span / _NS) if span > 0 else 0.0
+
+
+# --------------------------------------------------------------------------- the lock
+
+
+@dataclass
+class _Hold:
+    pid: int
+    depth: int
+    section: AbstractContextManager[int]
+    nonce: int
+
+
+class CompatLock:
+    """The API lock: ``engine.serialized()`` made re-entrant per thread.
+
+    Differences from the original ``threading.RLock``:
+
+    * it excludes every thread of every process attached to the sequence, not only
+      the threads of this process; waiters are served in arrival order and the lock
+      is freed if its holder dies (even by SIGKILL);
+    * re-entrant like the original's RLock: the outermost ``acquire()`` of a thread
+      enters ``serialized()``, nested ones only count, and the section is left at the
+      matching outermost ``release()``. (``ShmNonce.serialized()`` itself raises
+      ``NonceError`` when a thread enters it twice; code written for the RLock nests
+      ``with get_kraken_api_lock():`` blocks, so the compat lock counts instead.)
+      Only the thread that acquired may release (``RuntimeError`` otherwise);
+    * a child forked while a thread held the lock does not hold it: the section
+      belongs to the parent;
+    * entering issues one nonce inside the section (``serialized()`` does); it is
+      available as :attr:`nonce` and counts in ``sequence_total_issued``, not in
+      ``total_nonces_issued``;
+    * a wait longer than 5 s is logged as a warning (by the engine's ``serialized()``).
+    """
+
+    def __init__(self, manager: GlobalKrakenNonceManager) -> None:
+        self._mgr = manager
+        self._local = threading.local()
+
+    def _hold(self) -> _Hold | None:
+        hold: _Hold | None = getattr(self._local, "hold", None)
+        if hold is not None and hold.pid != os.getpid():
+            self._local.hold = None  # inherited through fork(): the parent holds the section
+            return None
+        return hold
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Acquire like ``threading.RLock.acquire``; True when acquired.
+
+        ``blocking=False`` tries once; ``timeout`` (seconds, -1 = forever) bounds the
+        wait and returns False on expiry, as the RLock does.
+        """
+        if not blocking and timeout != -1:
+            raise ValueError("can't specify a timeout for a non-blocking call")
+        if timeout < 0 and timeout != -1:
+            raise ValueError("timeout value must be a non-negative number")
+        hold = self._hold()
+        if hold is not None:
+            hold.depth += 1
+            return True
+        wait: float | None = 0.0 if not blocking else (None if timeout == -1 else float(timeout))
+        section = self._mgr.engine.serialized(timeout=wait)
+        t0 = time.monotonic_ns()
+        try:
+            nonce = section.__enter__()
+        except LockTimeout:
+            return False
+        waited_ns = time.monotonic_ns() - t0
+        self._local.hold = _Hold(os.getpid(), 1, section, nonce)
+        try:
+            self._mgr._lock_entered(waited_ns)
+        except BaseException:
+            self._local.hold = None
+            section.__exit__(None, None, None)
+            raise
+        return True
+
+    def release(self) -> None:
+        """Release one level; the section is left when the outermost level is released."""
+        hold = self._hold()
+        if hold is None:
+            raise RuntimeError("cannot release un-acquired lock")
+        hold.depth -= 1
+        if hold.depth == 0:
+            self._local.hold = None
+            hold.section.__exit__(None, None, None)
+
+    def _is_owned(self) -> bool:
+        """True if the calling thread holds the lock (the RLock's private helper)."""
+        return self._hold() is not None
+
+    @property
+    def nonce(self) -> int | None:
+        """The nonce issued when this thread entered (None if it does not hold the lock)."""
+        hold = self._hold()
+        return None if hold is None else hold.nonce
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        hold = self._hold()
+        state = "unlocked by this thread" if hold is None else f"held by this thread (depth {hold.depth})"
+        return f"<shmnonce.compat.CompatLock sequence={self._mgr.engine.name!r} {state}>"
+
+
+# --------------------------------------------------------------------------- the manager
+
+
+class GlobalKrakenNonceManager:
+    """The manager object, backed by one host-wide :class:`ShmNonce` sequence.
+
+    ``GlobalKrakenNonceManager()`` returns the process-global manager, as the
+    original's singleton did. ``GlobalKrakenNonceManager(name, state_dir)`` or
+    ``GlobalKrakenNonceManager(api_key=...)`` (not in the original) returns the
+    manager of another sequence; one manager exists per sequence and process, so
+    all locks of a sequence in a process are the same object.
+    """
+
+    STARTUP_RATE_LIMIT_SECONDS: float = 0.5
+    STARTUP_BURST_WINDOW: float = 10.0
+    MAX_BURST_RATE: float = 20.0
+
+    _closed: bool
+    _settings: _Settings
+    engine: ShmNonce
+    _counters: _Counters
+    _guard_obj: StartupBurstGuard | None
+    _flag_lock: threading.Lock
+    _serialization: bool
+    _process_issued: int
+    _api_lock: CompatLock
+
+    def __new__(
+        cls,
+        name: str | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
+        *,
+        api_key: str | bytes | None = None,
+    ) -> GlobalKrakenNonceManager:
+        if name is None and state_dir is None and api_key is None:
+            return get_global_nonce_manager()
+        if name is not None and api_key is not None:
+            raise ValueError("give either name or api_key, not both")
+        settings = replace(
+            _settings, name=name if api_key is None else api_key_name(api_key),
+            state_dir=None if state_dir is None else os.fspath(state_dir),
+        )
+        return _manager_for(settings, default=False)
+
+    @classmethod
+    def _create(cls, settings: _Settings, name: str, state_dir: str) -> GlobalKrakenNonceManager:
+        self = object.__new__(cls)
+        self._settings = settings
+        self._closed = False
+        self.engine = ShmNonce.attach(name, state_dir)
+        try:
+            self._counters = _Counters(self.engine)
+        except BaseException:
+            self.engine.close()
+            raise
+        spacing, window, max_rate = settings.guard()
+        self.STARTUP_RATE_LIMIT_SECONDS = spacing
+        self.STARTUP_BURST_WINDOW = window
+        self.MAX_BURST_RATE = max_rate
+        self._guard_obj = None
+        self._flag_lock = threading.Lock()
+        self._serialization = True
+        self._process_issued = 0
+        self._api_lock = CompatLock(self)
+        log.info(
+            "shmnonce.compat: using sequence %r in %s (segment %s)",
+            self.engine.name, self.engine.state_dir, self.engine.segment_name,
+        )
+        return self
+
+    def _guard(self) -> StartupBurstGuard:
+        guard = self._guard_obj
+        if guard is None:
+            guard = StartupBurstGuard(
+                self.engine,
+                min_spacing_s=self.STARTUP_RATE_LIMIT_SECONDS,
+                window_s=self.STARTUP_BURST_WINDOW,
+                max_per_s=self.MAX_BURST_RATE,
+            )
+            self._guard_obj = guard
+        return guard
+
+    def _lock_entered(self, waited_ns: int) -> None:
+        self._counters.lock_entry(waited_ns)
+
+    # -- the original's methods -----------------------------------------------------
+    def get_nonce(self, apply_rate_limiting: bool = True) -> int:
+        """The next nonce, unique and increasing across all processes on the host.
+
+        Differences: ``apply_rate_limiting=True`` applies the host-wide start-up
+        burst guard of ``shmnonce._ratelimit`` instead of a per-process one: during
+        the first ``STARTUP_BURST_WINDOW`` seconds after the sequence's segment was
+        created (normally the first worker's start, or a reboot), nonces asked for
+        with rate limiting are spaced ``max(STARTUP_RATE_LIMIT_SECONDS,
+        1 / MAX_BURST_RATE)`` apart across all processes, from the first one on (the
+        original spaced them only once its own process exceeded 20/s, and its window
+        started with each process). Processes that start later never wait. The wait
+        happens before the nonce is issued and outside any lock except the API lock
+        if the caller holds it. Nothing is written to a text file per nonce: the
+        engine persists a ceiling ahead of the values instead.
+        """
+        waited_ns = 0
+        if apply_rate_limiting:
+            waited_ns = int(self._guard().acquire() * _NS)
+        nonce = self.engine.next()
+        self._counters.nonce(waited_ns)
+        with self._flag_lock:
+            self._process_issued += 1
+        return nonce
+
+    def jump_forward(self, nanoseconds: int) -> int:
+        """Set the last value to ``max(last, now) + nanoseconds`` and return it.
+
+        Same result as the original (``max(now + ns, last + ns)``), for every process.
+        Difference: ``nanoseconds`` must be a non-negative int (else ``ValueError``)
+        and the result must stay below 2**64; the original also accepted negative
+        values, which would move the sequence backwards.
+        """
+        return self.engine.jump_forward(nanoseconds)
+
+    def get_api_call_lock(self) -> CompatLock:
+        """The API lock; the same object as :func:`get_kraken_api_lock` returns.
+
+        Difference: a :class:`CompatLock` (cross-process, re-entrant per thread)
+        instead of a ``threading.RLock``; it supports ``with``, ``acquire(blocking,
+        timeout)`` and ``release()`` like the RLock.
+        """
+        return self._api_lock
+
+    def enable_api_serialization(self) -> None:
+        """Set the advisory flag (default: enabled). As in the original, the lock
+        works the same either way; the flag only tells callers whether to use it.
+        Difference: the flag is per process (each worker runs its own start-up code).
+        """
+        with self._flag_lock:
+            self._serialization = True
+        log.info("sequence %r: API call serialization enabled", self.engine.name)
+
+    def disable_api_serialization(self) -> None:
+        """Clear the advisory flag (per process; the lock keeps excluding, see enable)."""
+        with self._flag_lock:
+            self._serialization = False
+        log.warning(
+            "sequence %r: API call serialization disabled in process %d (not recommended)",
+            self.engine.name, os.getpid(),
+        )
+
+    def is_api_serialization_enabled(self) -> bool:
+        """The advisory flag of this process."""
+        with self._flag_lock:
+            return self._serialization
+
+    def set_rate_limiting(self, enabled: bool) -> None:
+        """Kept for code that calls it; as in the original it only logs (the
+        ``apply_rate_limiting`` argument of :meth:`get_nonce` decides)."""
+        log.info(
+            "sequence %r: start-up burst protection %s (per call: apply_rate_limiting)",
+            self.engine.name, "enabled" if enabled else "disabled",
+        )
+
+    def reset_burst_tracking(self) -> None:
+        """Forget the recent nonce times behind ``recent_burst_rate`` (host-wide)."""
+        self._counters.clear_ring()
+
+    def reset_for_testing(self) -> None:
+        """Reset the host-wide compat counters. Difference: the sequence itself is
+        never moved back (the original restarted it from the clock, which can
+        reissue values Kraken has seen)."""
+        self._counters.reset()
+        with self._flag_lock:
+            self._process_issued = 0
+
+    def get_stats(self) -> dict[str, Any]:
+        """Statistics with the original's keys, host-wide, plus more.
+
+        Differences: ``total_nonces_issued`` counts the nonces issued through this
+        module (``get_nonce`` and the ``get_*kraken_nonce`` functions) by every process
+        since the compat counters started (first use after the segment was created),
+        not only by this process; ``uptime_seconds``, ``initialized_at`` and
+        ``nonces_per_second`` refer to that start; ``last_nonce`` is the last value of
+        the sequence issued by any process; ``recent_burst_rate`` is nonces per
+        second over the latest 16 such nonces host-wide; ``in_startup_window`` is the
+        host-wide guard's window; ``persistence_file`` is the engine's binary ceiling
+        file, not a text file holding the last nonce. ``api_serialization_enabled``
+        is this process's flag. Added keys: ``sequence``, ``state_dir``,
+        ``process_nonces_issued`` (this process), ``sequence_total_issued`` (every
+        value of the sequence, including those issued on entering the API lock and
+        by non-compat users), ``api_lock_entries``, ``api_lock_waits`` (entries that
+        waited over 1 ms), ``api_lock_wait_seconds``, ``rate_limited_nonces``,
+        ``rate_limit_wait_seconds``, ``clock_regressions``, ``persisted_ceiling``
+        and ``startup_guard`` (the guard's own counters).
+        """
+        eng_stats = self.engine.stats()
+        guard = self._guard()
+        guard_stats = guard.stats()
+        vals = self._counters.snapshot()
+        started = vals[_STARTED]
+        uptime = max(0.0, (time.time_ns() - started) / _NS)
+        with self._flag_lock:
+            serialization = self._serialization
+            process_issued = self._process_issued
+        return {
+            "total_nonces_issued": vals[_NONCES],
+            "last_nonce": eng_stats["last_nonce"],
+            "uptime_seconds": uptime,
+            "nonces_per_second": vals[_NONCES] / uptime if uptime > 0 else 0.0,
+            "recent_burst_rate": _burst_rate(vals),
+            "in_startup_window": bool(guard_stats.get("in_window", False)),
+            "persistence_file": os.path.join(self.engine.state_dir, self.engine.name + ".ceiling"),
+            "rate_limit_config": {
+                "startup_rate_limit_seconds": self.STARTUP_RATE_LIMIT_SECONDS,
+                "max_burst_rate": self.MAX_BURST_RATE,
+                "startup_window_seconds": self.STARTUP_BURST_WINDOW,
+            },
+            "initialized_at": started / _NS,
+            "api_serialization_enabled": serialization,
+            "sequence": self.engine.name,
+            "state_dir": self.engine.state_dir,
+            "process_nonces_issued": process_issued,
+            "sequence_total_issued": eng_stats["total_issued"],
+            "api_lock_entries": vals[_ENTRIES],
+            "api_lock_waits": vals[_LWAITS],
+            "api_lock_wait_seconds": vals[_LWAIT_NS] / _NS,
+            "rate_limited_nonces": vals[_RLIM],
+            "rate_limit_wait_seconds": vals[_RLIM_NS] / _NS,
+            "clock_regressions": eng_stats["clock_regressions"],
+            "persisted_ceiling": eng_stats["persisted_ceiling"],
+            "startup_guard": guard_stats,
+        }
+
+    def close(self) -> None:
+        """Detach this manager's engine (not in the original)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._counters.release()
+        self.engine.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<shmnonce.compat.GlobalKrakenNonceManager sequence={self.engine.name!r} "
+            f"state_dir={self.engine.state_dir!r}>"
+        )
+
+
+def _manager_for(settings: _Settings, default: bool) -> GlobalKrakenNonceManager:
+    global _default_key
+    with _registry_lock:
+        if default and _default_key is not None:
+            mgr = _registry.get(_default_key)
+            if mgr is not None and not mgr._closed:
+                return mgr
+        name, sd = settings.sequence()
+        key = (name, resolve_state_dir(sd))
+        mgr = _registry.get(key)
+        if mgr is None or mgr._closed:
+            mgr = GlobalKrakenNonceManager._create(settings, key[0], key[1])
+            _registry[key] = mgr
+        if default:
+            _default_key = key
+        return mgr
+
+
+# --------------------------------------------------------------------------- functions
+
+
+def get_global_nonce_manager() -> GlobalKrakenNonceManager:
+    """The process-global manager, attached on first use.
+
+    Difference: the object is per process as before, but its sequence, lock and
+    counters are shared by every process using the same sequence name and state
+    directory (see :func:`configure`).
+    """
+    return _manager_for(_settings, default=True)
+
+
+def get_global_kraken_nonce() -> int:
+    """``get_global_nonce_manager().get_nonce()`` (rate limiting on, as in the original)."""
+    return get_global_nonce_manager().get_nonce()
+
+
+def get_kraken_nonce() -> int:
+    """Legacy alias of :func:`get_global_kraken_nonce`."""
+    return get_global_nonce_manager().get_nonce()
+
+
+def get_global_nonce_stats() -> dict[str, Any]:
+    """``get_global_nonce_manager().get_stats()``: host-wide, see that method."""
+    return get_global_nonce_manager().get_stats()
+
+
+def get_kraken_api_lock() -> CompatLock:
+    """The API lock of the global manager: ``with get_kraken_api_lock(): api.query_private(...)``.
+
+    Differences: excludes other processes, not only threads; re-entrant per thread;
+    one lock object for both this function and ``get_api_call_lock()`` (one version
+    of the original had two unrelated locks, which could not exclude each other's
+    callers). See :class:`CompatLock`.
+    """
+    return get_global_nonce_manager().get_api_call_lock()
+
+
+def jump_global_kraken_nonce_forward(milliseconds: int) -> int:
+    """Jump the sequence ``milliseconds`` ahead (converted to ns) and return the new last value.
+
+    Difference: ``milliseconds`` must be a non-negative int (``ValueError`` otherwise).
+    """
+    if isinstance(milliseconds, bool) or not isinstance(milliseconds, int) or milliseconds < 0:
+        raise ValueError(f"milliseconds must be a non-negative int, got {milliseconds!r}")
+    return get_global_nonce_manager().jump_forward(milliseconds * 1_000_000)

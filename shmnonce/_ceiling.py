@@ -34,9 +34,13 @@ class Ceiling(NamedTuple):
 
 
 def _repair_hint(path: str) -> str:
+    name = os.path.basename(path)[: -len(".ceiling")]
+    sd = os.path.dirname(path)
     return (
-        f"inspect or restore {path!r}; if the sequence must be reset, raise it past every "
-        "value Kraken has seen with 'shmnonce jump' after 'shmnonce unlink'"
+        f"restore it from a backup; or, while the segment is live, stop its users and run "
+        f"'shmnonce drop-segment {name} --state-dir {sd}' (rewrites it from the segment); "
+        f"otherwise 'shmnonce unlink {name} --state-dir {sd}' and then 'shmnonce jump {name} NS' "
+        "past every value the exchange has seen"
     )
 
 

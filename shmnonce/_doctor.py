@@ -225,7 +225,7 @@ def _check_sequence(rep: DoctorReport, name: str, now: int) -> None:
         return
     if isinstance(snap, str):
         rep.add("ceiling", ERROR, f"segment /dev/shm/{shm} of {name!r} {snap}; stop its users and run "
-                f"'shmnonce unlink {name} --state-dir {rep.state_dir}'", name, segment=shm)
+                f"'shmnonce drop-segment {name} --state-dir {rep.state_dir}'", name, segment=shm)
         snap = None
     if ceiling_error is not None:
         rep.add("ceiling", ERROR, ceiling_error, name, path=ceiling_path)
@@ -263,7 +263,8 @@ def _check_live(
     if not lock_ok:
         rep.add("ceiling", ERROR, f"segment /dev/shm/{shm} of {name!r} was created with another lock "
                 f"file than {lock_path} (the state was removed or replaced); attach refuses it: stop "
-                f"its users and run 'shmnonce unlink {name} --state-dir {rep.state_dir}'", name, **details)
+                f"its users and run 'shmnonce drop-segment {name} --state-dir {rep.state_dir}'",
+                name, **details)
     if g != g2:
         rep.add("ceiling", WARN, f"segment of {name!r} holds a torn record (a writer was killed "
                 "mid-update); the next user resumes above the persisted ceiling", name, **details)
@@ -273,13 +274,13 @@ def _check_live(
         if limit > 0:
             rep.add("ceiling", ERROR, f"persisted ceiling of {name!r} is missing while its segment is "
                     f"live (last value {last}); attach refuses it: restore the file or stop the users "
-                    f"and run 'shmnonce unlink {name}'", name, **details)
+                    f"and run 'shmnonce drop-segment {name}' (rewrites it from the segment)", name, **details)
         return
     details["persisted_ceiling"] = ceiling.limit + 1
     if g == g2 and ceiling.limit < last:
         rep.add("ceiling", ERROR, f"persisted ceiling of {name!r} ({ceiling.limit}) is below the last "
-                f"value {last}: after a reboot values could repeat; raise it with 'shmnonce jump "
-                f"{name} 0'", name, **details)
+                f"value {last}: after a reboot values could repeat; the next attach rewrites it from the "
+                f"segment (or run 'shmnonce drop-segment {name}')", name, **details)
     elif ceiling.segment_id not in (0, snap.header.segment_id) and ceiling.limit > limit:
         rep.add("ceiling", ERROR, f"persisted ceiling of {name!r} was last written through another "
                 f"segment than /dev/shm/{shm} (the sequence was unlinked and re-created while "
@@ -287,7 +288,8 @@ def _check_live(
                 "restart them", name, **details)
     elif g == g2 and ceiling.limit < limit:
         rep.add("ceiling", WARN, f"persisted ceiling of {name!r} ({ceiling.limit}) is below the "
-                f"segment's lease {limit} (restored from a backup?); the next lease renewal fixes it",
+                f"segment's lease {limit} (restored from a backup?); the next attach rewrites it "
+                "from the segment",
                 name, **details)
     elif lock_ok and not snap.header.flags & FLAG_UNLINKED:
         rep.add("ceiling", OK, f"persisted ceiling of {name!r} is intact and above the last value "
@@ -358,7 +360,7 @@ def _check_orphans(rep: DoctorReport) -> None:
         else:
             rep.add("orphan_segment", ERROR, f"/dev/shm/{shm} of sequence {name!r} in {sd} was created "
                     f"with a lock file that was since replaced; attach refuses it: stop pid(s) {pids} "
-                    f"and run 'shmnonce unlink {name} --state-dir {sd}'", name, segment=shm,
+                    f"and run 'shmnonce drop-segment {name} --state-dir {sd}'", name, segment=shm,
                     state_dir=sd, attached_pids=pids)
         orphans += 1
     if not orphans:

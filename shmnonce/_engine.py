@@ -25,6 +25,7 @@ from ._segment import (
     RECORD_OFFSET,
     SIZE,
     U64_MAX,
+    mark_unlinked,
     open_segment,
 )
 
@@ -137,11 +138,18 @@ class ShmNonce:
             raise StateError(
                 f"persisted ceiling {self._ceiling_path!r} is missing while segment "
                 f"{self.segment_name} of sequence {self.name!r} is live; restore the file, or "
-                f"stop every user of {self.name!r} and run 'shmnonce unlink {self.name} "
-                f"--state-dir {self.state_dir}'"
+                f"stop every user of {self.name!r} and run 'shmnonce drop-segment {self.name} "
+                f"--state-dir {self.state_dir}' (it rewrites the file from the segment)"
             )
         if g != g2:
             self._recover_torn()
+        elif ceiling is not None and ceiling.limit < limit:
+            # The file went back (restored from a backup?): the live segment knows better.
+            write_ceiling(self._ceiling_path, limit, self._seg.header.segment_id)
+            log.warning(
+                "sequence %r: persisted ceiling %d was below the segment's %d; rewritten",
+                self.name, ceiling.limit, limit,
+            )
 
     # -- the hot path ------------------------------------------------------------------
     def next(self) -> int:
@@ -220,8 +228,8 @@ class ShmNonce:
             raise StateError(
                 f"segment {self.segment_name} of sequence {self.name!r} holds a torn record "
                 f"and the persisted ceiling {self._ceiling_path!r} is missing; the last value "
-                "cannot be recovered. Raise the sequence past every value used with "
-                f"'shmnonce jump {self.name} NS' after 'shmnonce unlink {self.name}'"
+                f"cannot be recovered. Run 'shmnonce unlink {self.name}', then "
+                f"'shmnonce jump {self.name} NS' past every value the exchange has seen"
             )
         _g, _last, _limit, total, prev, reg, _g2 = RECORD.unpack_from(self._buf, RECORD_OFFSET)
         g = (max(_g, _g2) + 1) & _GEN_MASK
@@ -381,9 +389,7 @@ class ShmNonce:
         issuing values from a sequence that no longer exists.
         """
         with self._short_lock():
-            self._seg.set_flags(FLAG_UNLINKED)
-            g = RECORD.unpack_from(self._buf, RECORD_OFFSET)[0]
-            RECORD.pack_into(self._buf, RECORD_OFFSET, g + 1, 0, 0, 0, 0, 0, g + 1)
+            mark_unlinked(self._buf)
             with contextlib.suppress(FileNotFoundError):
                 backend.shm_unlink(self.segment_name)
             for path in (self._ceiling_path, self._ceiling_path + ".tmp", self._queue_path,

@@ -94,17 +94,26 @@ class Segment:
     def read_header(self) -> Header:
         return Header(*HEADER.unpack_from(self.buf, 0))
 
-    def set_flags(self, flags: int) -> None:
-        h = self.read_header()
-        HEADER.pack_into(self.buf, 0, *h[:-1], flags)
-
 
 def _repair(seq: str, state_dir: str) -> str:
     return (
-        f"stop the processes using {seq!r}, then run "
-        f"'shmnonce unlink {seq} --state-dir {state_dir}' (the persisted ceiling is kept "
-        "only if intact: check with 'shmnonce status' first)"
+        f"stop the processes using {seq!r}, then run 'shmnonce drop-segment {seq} "
+        f"--state-dir {state_dir}': it removes the segment and keeps the persisted ceiling "
+        "(raised to the segment's bound when the segment is readable), so the next attach "
+        "resumes above every value issued"
     )
+
+
+def mark_unlinked(buf: mmap.mmap) -> None:
+    """Flag a segment as unlinked and zero its lease, so attached users stop issuing.
+
+    With the lease at 0 every user's next call takes the slow path, which sees the flag.
+    """
+    h = Header(*HEADER.unpack_from(buf, 0))
+    HEADER.pack_into(buf, 0, *h[:-1], h.flags | FLAG_UNLINKED)
+    g = RECORD.unpack_from(buf, RECORD_OFFSET)[0]
+    g = (g + 1) & U64_MAX
+    RECORD.pack_into(buf, RECORD_OFFSET, g, 0, 0, 0, 0, 0, g)
 
 
 def _init(buf: mmap.mmap, seq: str, state_dir: str, lock_stat: os.stat_result) -> Header:

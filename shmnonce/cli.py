@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from . import _repair
 from ._engine import ShmNonce
 from ._errors import NonceError
 from ._legacy import LegacyImport, LegacyImportError, import_legacy
@@ -74,9 +75,19 @@ def _jump(args: argparse.Namespace) -> int:
 
 
 def _unlink(args: argparse.Namespace) -> int:
-    eng = ShmNonce.attach(args.name, args.state_dir)
-    eng.unlink()
-    print(f"unlinked {args.name}")
+    # works on damaged state too, which attach would refuse
+    existed = _repair.destroy(args.name, args.state_dir)
+    print(f"unlinked {args.name}" if existed else f"{args.name}: nothing to unlink")
+    return 0
+
+
+def _drop_segment(args: argparse.Namespace) -> int:
+    res = _repair.drop_segment(args.name, args.state_dir)
+    if not res.segment_found:
+        print(f"{args.name}: no segment; persisted ceiling {res.persisted_ceiling}")
+    else:
+        print(f"dropped the segment of {args.name}; the next attach resumes above "
+              f"{res.persisted_ceiling}")
     return 0
 
 
@@ -153,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("jump", _jump, "set the last value to max(last, now) + NS and print it").add_argument(
         "ns", metavar="NS", type=_int_ns, help="nanoseconds to jump ahead"
     )
-    add("unlink", _unlink, "destroy the segment and the persisted state")
+    add("unlink", _unlink, "destroy the segment and the persisted state (also when damaged)")
+    add("drop-segment", _drop_segment,
+        "remove only the shared-memory segment, as a reboot does; the persisted ceiling is "
+        "kept (raised to the segment's bound when the segment is intact)")
     imp = add(
         "import-legacy", _import_legacy,
         "raise the sequence above the values in legacy nonce files (one integer each; "

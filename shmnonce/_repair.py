@@ -1,0 +1,127 @@
+"""Operator repairs that work without attaching, for state that attach refuses.
+
+``destroy`` removes a sequence completely (what ``ShmNonce.unlink`` does), even when
+its segment or ceiling file is damaged. ``drop_segment`` removes only the segment, as
+a reboot does: the sequence resumes above the persisted ceiling, which is first
+raised to the segment's own bound when the segment is intact. Both run under the
+sequence's counter lock, and mark an intact segment unlinked so that processes still
+attached to it raise StateError instead of issuing values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from . import _posix as backend
+from ._ceiling import read_ceiling, write_ceiling
+from ._errors import StateError
+from ._paths import resolve_state_dir, segment_name, validate_name
+from ._segment import HEADER, MAGIC, RECORD, RECORD_OFFSET, SIZE, VERSION, mark_unlinked
+
+__all__ = ["DropResult", "destroy", "drop_segment"]
+
+log = logging.getLogger("shmnonce")
+
+
+class DropResult(NamedTuple):
+    segment_found: bool
+    segment_intact: bool
+    persisted_ceiling: int | None  # the limit now on disk (every future value is above it)
+
+
+def _paths(name: str, state_dir: str) -> tuple[str, str, str]:
+    base = os.path.join(state_dir, name)
+    return base + ".lock", base + ".queue", base + ".ceiling"
+
+
+@contextlib.contextmanager
+def _locked(lock_path: str) -> Iterator[None]:
+    fd = backend.open_lock_file(lock_path)
+    try:
+        backend.flock_ex(fd, 2)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _map_intact(shm: str) -> tuple[bool, mmap.mmap | None]:
+    """(found, mapping if it is a shmnonce segment of this version and size)."""
+    try:
+        fd = backend.shm_open(shm)
+    except FileNotFoundError:
+        return False, None
+    try:
+        if os.fstat(fd).st_size != SIZE:
+            return True, None
+        buf = backend.shm_map(fd, SIZE)
+    finally:
+        os.close(fd)
+    magic, version, size = HEADER.unpack_from(buf, 0)[:3]
+    if (magic, version, size) != (MAGIC, VERSION, SIZE):
+        buf.close()
+        return True, None
+    return True, buf
+
+
+def destroy(name: str, state_dir: str | None = None) -> bool:
+    """Remove the segment and every state file of ``name``; True if anything existed."""
+    validate_name(name)
+    sd = resolve_state_dir(state_dir)
+    lock_path, queue_path, ceiling_path = _paths(name, sd)
+    shm = segment_name(name, sd)
+    existed = os.path.exists(lock_path) or os.path.exists(ceiling_path)
+    with _locked(lock_path):
+        found, buf = _map_intact(shm)
+        if buf is not None:
+            mark_unlinked(buf)
+            buf.close()
+        if found:
+            with contextlib.suppress(FileNotFoundError):
+                backend.shm_unlink(shm)
+        for path in (ceiling_path, ceiling_path + ".tmp", queue_path, lock_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    return existed or found
+
+
+def drop_segment(name: str, state_dir: str | None = None) -> DropResult:
+    """Remove only the segment of ``name``, keeping (and if needed raising) the ceiling."""
+    validate_name(name)
+    sd = resolve_state_dir(state_dir)
+    lock_path, _queue_path, ceiling_path = _paths(name, sd)
+    shm = segment_name(name, sd)
+    with _locked(lock_path):
+        found, buf = _map_intact(shm)
+        try:
+            ceiling = read_ceiling(ceiling_path)
+        except StateError:
+            if buf is None:
+                raise  # nothing to rewrite it from
+            ceiling = None
+        limit = None if ceiling is None else ceiling.limit
+        if buf is not None:
+            g, _last, seg_limit, *_rest, g2 = RECORD.unpack_from(buf, RECORD_OFFSET)
+            if g == g2 and (limit is None or seg_limit > limit):
+                write_ceiling(ceiling_path, seg_limit, HEADER.unpack_from(buf, 0)[4])
+                log.warning("sequence %r: persisted ceiling rewritten from its segment (%d)",
+                            name, seg_limit)
+                limit = seg_limit
+            elif g != g2 and limit is None:
+                buf.close()
+                raise StateError(
+                    f"segment /dev/shm/{shm} of {name!r} holds a torn record and no intact "
+                    f"persisted ceiling exists in {ceiling_path!r}: the last value cannot be "
+                    f"recovered. Run 'shmnonce unlink {name}', then 'shmnonce jump {name} NS' "
+                    "past every value the exchange has seen"
+                )
+            mark_unlinked(buf)
+            buf.close()
+        if found:
+            with contextlib.suppress(FileNotFoundError):
+                backend.shm_unlink(shm)
+    return DropResult(found, buf is not None, limit)

@@ -8,12 +8,12 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
 from . import _posix as backend
-from ._ceiling import read_ceiling, write_ceiling
+from ._ceiling import Ceiling, read_ceiling, write_ceiling
 from ._errors import NonceError, StateError
 from ._paths import api_key_name, resolve_state_dir, segment_name, validate_name
 from ._queue import SectionQueue
@@ -86,16 +86,21 @@ class ShmNonce:
         self._fd = -1
         self._closed = False
         self._views: dict[tuple[int, int], memoryview] = {}
-        self._pid = os.getpid()
         self._counter = _CounterLock(self)
         self._fd = self._open_lock()
         try:
             with self._short_lock():
+                # Read the ceiling first: never create a segment over unreadable state.
+                ceiling = read_ceiling(self._ceiling_path)
                 self._seg = open_segment(
                     self.segment_name, name, state_dir, os.fstat(self._fd)
                 )
                 self._buf = self._seg.buf
-                self._check_ceiling()
+                try:
+                    self._check_ceiling(ceiling)
+                except BaseException:
+                    self._buf.close()
+                    raise
         except BaseException:
             os.close(self._fd)
             raise
@@ -122,9 +127,8 @@ class ShmNonce:
         except OSError as exc:
             raise type(exc)(exc.errno, f"cannot open lock file: {exc.strerror}", self._lock_path) from None
 
-    def _check_ceiling(self) -> None:
+    def _check_ceiling(self, ceiling: Ceiling | None) -> None:
         """Reconcile the persisted ceiling with the segment (counter lock held)."""
-        ceiling = read_ceiling(self._ceiling_path)
         g, _last, limit, _total, _prev, _reg, g2 = RECORD.unpack_from(self._buf, RECORD_OFFSET)
         if self._seg.created:
             base = 0 if ceiling is None else ceiling.limit
@@ -190,6 +194,14 @@ class ShmNonce:
 
     def _issue_slow(self) -> int:
         """Issue one value handling torn records, clock steps and lease ends (lock held)."""
+        return self._move(lambda last, now: max(last + 1, now), issuing=True)
+
+    def _move(self, target: Callable[[int, int], int], issuing: bool) -> int:
+        """Set the last value to ``target(last, now)`` and return it (lock held).
+
+        Counts clock regressions, refuses to pass 2**64-1, and persists a new ceiling
+        before the value is visible whenever it would reach the current one.
+        """
         g, last, limit, total, prev, reg, _g2 = self._record()
         now = self._clock()
         if now < prev - REGRESSION_NS:
@@ -198,16 +210,16 @@ class ShmNonce:
                 "clock regression on sequence %r: wall clock %d ns behind the previous "
                 "reading; values continue from the last one", self.name, prev - now,
             )
-        v = max(last + 1, now)
-        if v > U64_MAX:
-            raise NonceError(
-                f"sequence {self.name!r} reached 2**64-1; nonces cannot go higher"
-            )
-        if v > limit:
-            limit = self._extend(v, limit)
+        new = target(last, now)
+        if new > U64_MAX:
+            if issuing:
+                raise NonceError(f"sequence {self.name!r} reached 2**64-1; nonces cannot go higher")
+            raise ValueError(f"the new last value would pass 2**64-1 (last value {last})")
+        if new > limit:
+            limit = self._extend(new, limit)
         g = (g + 1) & _GEN_MASK
-        RECORD.pack_into(self._buf, RECORD_OFFSET, g, v, limit, total + 1, now, reg, g)
-        return v
+        RECORD.pack_into(self._buf, RECORD_OFFSET, g, new, limit, total + (1 if issuing else 0), now, reg, g)
+        return new
 
     def _record(self) -> tuple[int, int, int, int, int, int, int]:
         """Read the record, repairing it first if torn or refusing if unlinked (lock held)."""
@@ -317,20 +329,7 @@ class ShmNonce:
         if isinstance(delta_ns, bool) or not isinstance(delta_ns, int) or delta_ns < 0:
             raise ValueError(f"delta_ns must be a non-negative int, got {delta_ns!r}")
         with self._short_lock():
-            g, last, limit, total, prev, reg, _ = self._record()
-            now = self._clock()
-            if now < prev - REGRESSION_NS:
-                reg += 1
-            new = max(last, now) + delta_ns
-            if new > U64_MAX:
-                raise ValueError(
-                    f"jump_forward({delta_ns}) would pass 2**64-1 (last value {last})"
-                )
-            if new > limit:
-                limit = self._extend(new, limit)
-            g = (g + 1) & _GEN_MASK
-            RECORD.pack_into(self._buf, RECORD_OFFSET, g, new, limit, total, now, reg, g)
-            return new
+            return self._move(lambda last, now: max(last, now) + delta_ns, issuing=False)
 
     def stats(self) -> Mapping[str, object]:
         """Host-wide counters of the sequence (no key material)."""
@@ -357,7 +356,6 @@ class ShmNonce:
     def _after_fork_child(self) -> None:
         """In a forked child: fresh in-process lock and descriptors of its own."""
         self._tlock = threading.Lock()
-        self._pid = os.getpid()
         self._queue.after_fork_child()
         old, self._fd = self._fd, -1
         if old >= 0:

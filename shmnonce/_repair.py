@@ -106,7 +106,7 @@ def drop_segment(name: str, state_dir: str | None = None) -> DropResult:
         limit = None if ceiling is None else ceiling.limit
         if buf is not None:
             g, _last, seg_limit, *_rest, g2 = RECORD.unpack_from(buf, RECORD_OFFSET)
-            if g == g2 and (limit is None or seg_limit > limit):
+            if g == g2 and seg_limit > 0 and (limit is None or seg_limit > limit):
                 write_ceiling(ceiling_path, seg_limit, HEADER.unpack_from(buf, 0)[4])
                 log.warning("sequence %r: persisted ceiling rewritten from its segment (%d)",
                             name, seg_limit)

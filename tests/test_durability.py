@@ -15,6 +15,7 @@ import pytest
 from shmnonce import ShmNonce, StateError
 from shmnonce._ceiling import SIZE as CEILING_SIZE
 from shmnonce._engine import LEASE_NS
+from shmnonce._paths import segment_name
 from shmnonce._segment import RECORD, RECORD_OFFSET
 
 pytestmark = pytest.mark.timeout(120)
@@ -146,7 +147,8 @@ def test_bad_ceiling_is_a_state_error_naming_the_file(state_dir: str, kind: str)
     with pytest.raises(StateError) as info:
         ShmNonce.attach("cz", state_dir)
     assert path in str(info.value)
-    # nothing was silently restarted: the segment was not recreated from the clock
+    # nothing was silently restarted: no segment was created over the unreadable state
+    assert not os.path.exists(f"/dev/shm/{segment_name('cz', os.path.realpath(state_dir))}")
     with pytest.raises(StateError):
         ShmNonce.attach("cz", state_dir)
 

@@ -16,11 +16,12 @@ from . import _posix as backend
 from ._ceiling import Ceiling, read_ceiling, write_ceiling
 from ._errors import NonceError, StateError
 from ._paths import api_key_name, resolve_state_dir, segment_name, validate_name
-from ._queue import SectionQueue
+from ._queue import SectionQueue, others_attached
 from ._segment import (
     FLAG_UNLINKED,
-    QUEUE,
-    QUEUE_OFFSET,
+    Q_ENTRIES,
+    Q_TORN,
+    Q_WAITED,
     RECORD,
     RECORD_OFFSET,
     SIZE,
@@ -41,21 +42,32 @@ _GEN_MASK = U64_MAX
 
 _LOCK_EX = 2  # fcntl.LOCK_EX
 _engines: weakref.WeakSet[ShmNonce] = weakref.WeakSet()
+_registry = threading.Lock()  # guards _engines; held from before fork() to after it
+_forking: list[ShmNonce] = []
 
 
 def _before_fork() -> None:
-    for eng in list(_engines):
+    # Hold every engine's in-process lock across fork() so that no thread is half-way
+    # through an update; snapshot the engines so both after-hooks see the same set.
+    _registry.acquire()
+    _forking[:] = list(_engines)
+    for eng in _forking:
         eng._tlock.acquire()
 
 
 def _after_fork_parent() -> None:
-    for eng in list(_engines):
+    for eng in _forking:
         eng._tlock.release()
+    _forking.clear()
+    _registry.release()
 
 
 def _after_fork_child() -> None:
-    for eng in list(_engines):
+    global _registry
+    _registry = threading.Lock()
+    for eng in _forking:
         eng._after_fork_child()
+    _forking.clear()
 
 
 os.register_at_fork(
@@ -83,29 +95,50 @@ class ShmNonce:
         self._queue_path = base + ".queue"
         self._ceiling_path = base + ".ceiling"
         self._tlock = threading.Lock()
-        self._fd = -1
         self._closed = False
         self._views: dict[tuple[int, int], memoryview] = {}
+        self._deferred: list[tuple[Any, ...]] = []
         self._counter = _CounterLock(self)
-        self._fd = self._open_lock()
+        self._fd = self._open_lock(self._lock_path)
+        qfd = -1
         try:
+            qfd = self._open_lock(self._queue_path)
             with self._short_lock():
                 # Read the ceiling first: never create a segment over unreadable state.
                 ceiling = read_ceiling(self._ceiling_path)
                 self._seg = open_segment(
-                    self.segment_name, name, state_dir, os.fstat(self._fd)
+                    self.segment_name, name, state_dir, os.fstat(self._fd), os.fstat(qfd),
+                    lambda: self._refuse_if_others_attached(qfd),
                 )
                 self._buf = self._seg.buf
                 try:
+                    self._queue = SectionQueue(qfd, self._buf, self._short_lock)
+                    qfd = -1  # owned by the queue now
                     self._check_ceiling(ceiling)
                 except BaseException:
+                    if qfd < 0:
+                        self._queue.detach()
                     self._buf.close()
                     raise
         except BaseException:
+            if qfd >= 0:
+                os.close(qfd)
             os.close(self._fd)
             raise
-        self._queue = SectionQueue(self._queue_path, self._buf, self._short_lock)
-        _engines.add(self)
+        finally:
+            self._flush_log()
+        with _registry:
+            _engines.add(self)
+
+    def _refuse_if_others_attached(self, qfd: int) -> None:
+        """Before creating a segment: nobody may still use a removed one."""
+        if others_attached(qfd):
+            raise StateError(
+                f"segment /dev/shm/{self.segment_name} of sequence {self.name!r} is gone while "
+                "processes are still attached to it (it was removed, e.g. by systemd-logind "
+                "RemoveIPC or by hand); a new segment would diverge from theirs. Stop them "
+                f"(see 'shmnonce doctor {self.name}' for their pids), then attach again"
+            )
 
     # -- construction ----------------------------------------------------------------
     @classmethod
@@ -121,11 +154,21 @@ class ShmNonce:
         """The sequence of one API key, named from a salted hash of the key."""
         return cls.attach(api_key_name(api_key), state_dir)
 
-    def _open_lock(self) -> int:
+    @staticmethod
+    def _open_lock(path: str) -> int:
         try:
-            return backend.open_lock_file(self._lock_path)
+            return backend.open_lock_file(path)
         except OSError as exc:
-            raise type(exc)(exc.errno, f"cannot open lock file: {exc.strerror}", self._lock_path) from None
+            raise type(exc)(exc.errno, f"cannot open lock file: {exc.strerror}", path) from None
+
+    def _log(self, level: int, msg: str, *args: object) -> None:
+        """Queue a log record; emitted after the locks are released (handlers may block)."""
+        self._deferred.append((level, msg, *args))
+
+    def _flush_log(self) -> None:
+        pending, self._deferred = self._deferred, []
+        for level, msg, *args in pending:
+            log.log(level, msg, *args)
 
     def _check_ceiling(self, ceiling: Ceiling | None) -> None:
         """Reconcile the persisted ceiling with the segment (counter lock held)."""
@@ -133,8 +176,8 @@ class ShmNonce:
         if self._seg.created:
             base = 0 if ceiling is None else ceiling.limit
             RECORD.pack_into(self._buf, RECORD_OFFSET, 1, base, base, 0, 0, 0, 1)
-            log.info(
-                "created segment %s for sequence %r (resuming above %d)",
+            self._log(
+                logging.INFO, "created segment %s for sequence %r (resuming above %d)",
                 self.segment_name, self.name, base,
             )
             return
@@ -150,9 +193,9 @@ class ShmNonce:
         elif ceiling is not None and ceiling.limit < limit:
             # The file went back (restored from a backup?): the live segment knows better.
             write_ceiling(self._ceiling_path, limit, self._seg.header.segment_id)
-            log.warning(
-                "sequence %r: persisted ceiling %d was below the segment's %d; rewritten",
-                self.name, ceiling.limit, limit,
+            self._log(
+                logging.WARNING, "sequence %r: persisted ceiling %d was below the segment's %d; "
+                "rewritten", self.name, ceiling.limit, limit,
             )
 
     # -- the hot path ------------------------------------------------------------------
@@ -164,13 +207,16 @@ class ShmNonce:
             fd = self._fd
             backend.flock_ex(fd, _LOCK_EX)
             try:
-                return self._issue()
+                v = self._issue()
             finally:
                 backend.flock_un(fd)
-        except (OSError, ValueError, TypeError) as exc:
-            raise self._closed_error(exc) from exc
+        except (OSError, ValueError) as exc:
+            raise self._unusable(exc) from exc
         finally:
             tlock.release()
+        if self._deferred:
+            self._flush_log()
+        return v
 
     def _issue(self) -> int:
         """Issue one value (counter lock held): one unpack, one pack in the common case."""
@@ -185,12 +231,16 @@ class ShmNonce:
         RECORD.pack_into(buf, RECORD_OFFSET, g + 1, v, limit, total + 1, now, reg, g + 1)
         return v
 
-    def _closed_error(self, exc: BaseException) -> BaseException:
+    def _unusable(self, exc: BaseException) -> BaseException:
+        """Map a failure of the closed or broken handle to our errors; others pass."""
         if self._closed:
             return NonceError(f"sequence {self.name!r}: this handle is closed")
-        if isinstance(exc, NonceError):
-            return exc
-        return StateError(f"sequence {self.name!r}: lock file {self._lock_path!r} unusable: {exc}")
+        if self._fd < 0:
+            return StateError(
+                f"sequence {self.name!r}: the lock file {self._lock_path!r} could not be "
+                "reopened in this forked process; attach again"
+            )
+        return exc
 
     def _issue_slow(self) -> int:
         """Issue one value handling torn records, clock steps and lease ends (lock held)."""
@@ -206,9 +256,9 @@ class ShmNonce:
         now = self._clock()
         if now < prev - REGRESSION_NS:
             reg += 1
-            log.warning(
-                "clock regression on sequence %r: wall clock %d ns behind the previous "
-                "reading; values continue from the last one", self.name, prev - now,
+            self._log(
+                logging.WARNING, "clock regression on sequence %r: wall clock %d ns behind the "
+                "previous reading; values continue from the last one", self.name, prev - now,
             )
         new = target(last, now)
         if new > U64_MAX:
@@ -247,16 +297,11 @@ class ShmNonce:
         g = (max(_g, _g2) + 1) & _GEN_MASK
         base = ceiling.limit
         RECORD.pack_into(self._buf, RECORD_OFFSET, g, base, base, total, prev, reg, g)
-        self._bump_queue(4)
-        log.warning(
-            "sequence %r: torn record in segment %s (a writer was killed mid-update); "
-            "resuming above the persisted ceiling %d", self.name, self.segment_name, base,
+        self._queue.bump(Q_TORN)
+        self._log(
+            logging.WARNING, "sequence %r: torn record in segment %s (a writer was killed "
+            "mid-update); resuming above the persisted ceiling %d", self.name, self.segment_name, base,
         )
-
-    def _bump_queue(self, field: int) -> None:
-        vals = list(QUEUE.unpack_from(self._buf, QUEUE_OFFSET))
-        vals[field] += 1
-        QUEUE.pack_into(self._buf, QUEUE_OFFSET, *vals)
 
     def _extend(self, value: int, limit: int) -> int:
         """Persist a new ceiling above ``value`` before it is issued (lock held)."""
@@ -335,7 +380,7 @@ class ShmNonce:
         """Host-wide counters of the sequence (no key material)."""
         with self._short_lock():
             _g, last, limit, total, _prev, reg, _g2 = self._record()
-            _tail, _head, entries, waited, torn, _ = QUEUE.unpack_from(self._buf, QUEUE_OFFSET)
+            queue = self._queue.counters()
             header = self._seg.read_header()
         return {
             "name": self.name,
@@ -347,31 +392,40 @@ class ShmNonce:
             "clock_regressions": reg,
             "persisted_ceiling": limit + 1,
             "lease_ns": LEASE_NS,
-            "section_entries": entries,
-            "section_waits": waited,
-            "torn_recoveries": torn,
+            "section_entries": queue[Q_ENTRIES],
+            "section_waits": queue[Q_WAITED],
+            "torn_recoveries": queue[Q_TORN],
         }
 
     # -- lifetime ----------------------------------------------------------------------
     def _after_fork_child(self) -> None:
-        """In a forked child: fresh in-process lock and descriptors of its own."""
+        """In a forked child: fresh in-process lock and descriptors of its own.
+
+        New descriptors are opened through /proc/self/fd, so they refer to the same
+        files as the parent's even if those were deleted and recreated by path.
+        """
         self._tlock = threading.Lock()
+        self._deferred = []
+        if self._closed:
+            return
         self._queue.after_fork_child()
         old, self._fd = self._fd, -1
-        if old >= 0:
+        try:
+            self._fd = backend.reopen(old)
+        finally:
             os.close(old)
-            if not self._closed:
-                with contextlib.suppress(OSError):
-                    self._fd = backend.open_lock_file(self._lock_path)
 
     def close(self) -> None:
-        """Detach this process; the sequence and its values live on."""
+        """Detach this process; the sequence and its values live on.
+
+        Raises NonceError while a thread of this process waits for or holds
+        ``serialized()`` through this handle (closing would release its section).
+        """
         with self._tlock:
             if self._closed:
                 return
+            self._queue.detach()
             self._closed = True
-            _engines.discard(self)
-            self._queue.close()
             for view in self._views.values():
                 view.release()
             self._views.clear()
@@ -379,6 +433,8 @@ class ShmNonce:
             if fd >= 0:
                 os.close(fd)
             self._buf.close()
+        with _registry:
+            _engines.discard(self)
 
     def unlink(self) -> None:
         """Destroy the segment and the persisted state, then close this handle.
@@ -387,6 +443,7 @@ class ShmNonce:
         issuing values from a sequence that no longer exists.
         """
         with self._short_lock():
+            self._queue.detach()  # refuses while a thread of ours is in a section
             mark_unlinked(self._buf)
             with contextlib.suppress(FileNotFoundError):
                 backend.shm_unlink(self.segment_name)
@@ -442,6 +499,8 @@ class _CounterLock:
             backend.flock_un(eng._fd)
         finally:
             eng._tlock.release()
+        if eng._deferred:
+            eng._flush_log()
 
 
 def _reattach(name: str, state_dir: str) -> ShmNonce:

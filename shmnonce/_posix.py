@@ -33,6 +33,7 @@ __all__ = [
     "ofd_test",
     "ofd_unlock",
     "open_lock_file",
+    "reopen",
     "shm_create",
     "shm_map",
     "shm_open",
@@ -67,6 +68,15 @@ def open_lock_file(path: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def reopen(fd: int) -> int:
+    """A new open file description of the inode behind ``fd`` (via /proc/self/fd).
+
+    Unlike opening by path, this cannot end up on a different file if the original
+    was deleted and recreated, so locks taken through it still exclude the others.
+    """
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
 
 
 def ofd_lock(fd: int, start: int, kind: int, wait: bool) -> bool:

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import psutil
 
 from . import _posix as backend
-from ._segment import QUEUE, QUEUE_OFFSET, SLOT, SLOTS, SLOTS_OFFSET
+from ._queue import HELD
+from ._segment import Q_HEAD, Q_TAIL, QUEUE, SLOT, SLOTS, SLOTS_OFFSET
 
 __all__ = [
     "Attached",
@@ -48,7 +49,6 @@ __all__ = [
     "scan_attached",
 ]
 
-HELD = 2  # the phase of a slot whose ticket is inside the section (see _queue.py)
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,8 @@ def held_tickets(seg: bytes | memoryview) -> list[int]:
     ``seg`` is the segment (at least ``SLOTS_OFFSET + SLOTS * 16`` bytes), read without
     the counter lock: a snapshot for operators, not a synchronisation primitive.
     """
-    tail, head, *_ = QUEUE.unpack_from(seg, QUEUE_OFFSET)
+    raw = QUEUE.struct.unpack_from(seg, QUEUE.offset)  # unlocked snapshot, may be mid-update
+    tail, head = raw[1 + Q_TAIL], raw[1 + Q_HEAD]
     lo = max(head, tail - SLOTS)
     held = []
     for t in range(lo, tail):

@@ -10,8 +10,14 @@ needs no polling.
 
 A ticket ``j`` is finished when its slot was reused by a later ticket, its phase is
 DONE, or nobody holds the write lock on its byte any more (its holder died).
-Every thread uses its own descriptor (OFD locks of one descriptor do not exclude
-each other); descriptors inherited across fork() are closed in the child.
+
+Descriptors: every thread uses its own open file description (OFD locks of one
+description do not exclude each other), made from the process's base descriptor
+through ``/proc/self/fd`` so that all of them refer to the same inode even if the
+file is deleted and recreated by path. The base descriptor also holds a read lock
+on the PRESENCE byte for as long as the process is attached, which tells a process
+about to create a segment that others still use one. A forked child closes what
+it inherited and makes its own descriptors.
 """
 
 from __future__ import annotations
@@ -28,13 +34,15 @@ from typing import Any
 
 from . import _posix as backend
 from ._errors import LockTimeout, NonceError
-from ._segment import QUEUE, QUEUE_OFFSET, SLOT, SLOTS, SLOTS_OFFSET
+from ._segment import Q_ENTRIES, Q_HEAD, Q_TAIL, Q_TORN, Q_WAITED, QUEUE, SLOT, SLOTS, SLOTS_OFFSET
 
-__all__ = ["SectionQueue"]
+__all__ = ["DONE", "HELD", "PRESENCE", "WAITING", "SectionQueue"]
 
 WAITING = 1
 HELD = 2
 DONE = 0
+PRESENCE = SLOTS + 1
+"""Byte read-locked by every attached process (see ``others_attached``)."""
 _PHASE = struct.Struct("<Q")
 LONG_WAIT_S = 5.0
 """A wait for the section longer than this is logged as a warning."""
@@ -42,7 +50,7 @@ log = logging.getLogger("shmnonce")
 
 
 class _Fd:
-    """A descriptor owned by one thread (or one timed waiter) of one process."""
+    """A descriptor owned by one thread of one process."""
 
     __slots__ = ("__weakref__", "fd", "ticket")
 
@@ -64,36 +72,65 @@ class SectionQueue:
 
     def __init__(
         self,
-        path: str,
+        base_fd: int,
         buf: Any,
         counter: Callable[[], AbstractContextManager[None]],
     ) -> None:
-        self._path = path
+        self._base = base_fd  # owned: closed by detach()
         self._buf = buf
         self._counter = counter
         self._local = threading.local()
         self._fds: weakref.WeakSet[_Fd] = weakref.WeakSet()
         self._gen = 0
+        self._mutex = threading.Lock()  # guards _active, _waiters, _orphans
+        self._active = 0  # tickets of this process's threads (waiting or held)
+        self._waiters: dict[int, threading.Event] = {}
+        self._orphans: set[int] = set()  # descriptors of helper threads
+        backend.ofd_lock(self._base, PRESENCE, backend.F_RDLCK, wait=True)
 
     # -- descriptors -----------------------------------------------------------------
     def _thread_fd(self) -> _Fd:
         entry: tuple[int, _Fd] | None = getattr(self._local, "entry", None)
         if entry is not None and entry[0] == self._gen and entry[1].fd >= 0:
             return entry[1]
-        fdo = _Fd(backend.open_lock_file(self._path))
+        fdo = _Fd(backend.reopen(self._base))
         self._fds.add(fdo)
         self._local.entry = (self._gen, fdo)
         return fdo
 
     def after_fork_child(self) -> None:
-        """Close descriptors inherited from the parent (their locks are the parent's)."""
+        """Drop the parent's descriptors (their locks are the parent's); make our own."""
         self._gen += 1
+        self._mutex = threading.Lock()
+        self._active = 0
+        self._waiters = {}
         for fdo in list(self._fds):
             fdo.close()
         self._fds = weakref.WeakSet()
+        for fd in self._orphans:  # their helper threads do not exist in the child
+            os.close(fd)
+        self._orphans = set()
+        old, self._base = self._base, -1
+        try:
+            self._base = backend.reopen(old)
+            backend.ofd_lock(self._base, PRESENCE, backend.F_RDLCK, wait=True)
+        finally:
+            os.close(old)
 
-    def close(self) -> None:
-        self.after_fork_child()
+    def detach(self) -> None:
+        """Close this process's descriptors; refuses while a thread waits or holds."""
+        with self._mutex:
+            if self._active:
+                raise NonceError(
+                    "close() while a thread of this process waits for or holds serialized()"
+                )
+            self._gen += 1
+            for fdo in list(self._fds):
+                fdo.close()
+            self._fds = weakref.WeakSet()
+            if self._base >= 0:
+                os.close(self._base)
+                self._base = -1
 
     # -- shared table ----------------------------------------------------------------
     def _slot(self, ticket: int) -> tuple[int, int]:
@@ -102,6 +139,20 @@ class SectionQueue:
 
     def _set_slot(self, ticket: int, phase: int) -> None:
         SLOT.pack_into(self._buf, SLOTS_OFFSET + (ticket % SLOTS) * 16, ticket, phase)
+
+    def _header(self) -> list[int]:
+        """The queue header; a torn one (writer killed mid-write) is rebuilt from the slots."""
+        q = QUEUE.read(self._buf)
+        if q is not None:
+            return q
+        slots = [SLOT.unpack_from(self._buf, SLOTS_OFFSET + i * 16) for i in range(SLOTS)]
+        tail = max(owner for owner, _ in slots) + 1
+        live = [owner for owner, phase in slots if phase != DONE]
+        raw = QUEUE.struct.unpack_from(self._buf, QUEUE.offset)
+        q = [tail, min(live, default=tail), raw[1 + Q_ENTRIES], raw[1 + Q_WAITED], raw[1 + Q_TORN] + 1]
+        QUEUE.write(self._buf, q)
+        log.warning("section queue header was torn (a writer was killed mid-update); rebuilt")
+        return q
 
     def _finished(self, fd: int, j: int) -> bool:
         owner, phase = self._slot(j)
@@ -114,19 +165,27 @@ class SectionQueue:
 
     def _blocker(self, fd: int, t: int) -> int | None:
         """Latest unfinished ticket before ``t`` (None: ``t``'s turn). Counter lock held."""
-        tail, head, entries, waited, torn, res = QUEUE.unpack_from(self._buf, QUEUE_OFFSET)
+        q = self._header()
+        head = q[Q_HEAD]
         while head < t and self._finished(fd, head):
             head += 1
-        QUEUE.pack_into(self._buf, QUEUE_OFFSET, tail, head, entries, waited, torn, res)
+        if head != q[Q_HEAD]:
+            q[Q_HEAD] = head
+            QUEUE.write(self._buf, q)
         for j in range(t - 1, head - 1, -1):
             if not self._finished(fd, j):
                 return j
         return None
 
-    def _bump(self, field: int) -> None:
-        vals = list(QUEUE.unpack_from(self._buf, QUEUE_OFFSET))
-        vals[field] += 1
-        QUEUE.pack_into(self._buf, QUEUE_OFFSET, *vals)
+    def bump(self, field: int) -> None:
+        """Add one to a counter of the queue header (counter lock held)."""
+        q = self._header()
+        q[field] += 1
+        QUEUE.write(self._buf, q)
+
+    def counters(self) -> list[int]:
+        """The queue header (counter lock held)."""
+        return self._header()
 
     # -- enter / leave -----------------------------------------------------------------
     def enter(self, timeout: float | None, issue: Callable[[], int]) -> int:
@@ -158,23 +217,26 @@ class SectionQueue:
         except BaseException:
             self._give_up(fdo)
             raise
-        fdo_waited = time.monotonic() - start
-        if fdo_waited > LONG_WAIT_S:
-            log.warning("serialized() waited %.1f s for the section of %s", fdo_waited, self._path)
+        waited_s = time.monotonic() - start
+        if waited_s > LONG_WAIT_S:
+            log.warning("serialized() waited %.1f s for the section", waited_s)
         return nonce
 
     def _arrive(self, fdo: _Fd) -> int:
         """Take the next ticket and lock its slot byte (counter lock held)."""
-        tail, head, entries, waited, torn, res = QUEUE.unpack_from(self._buf, QUEUE_OFFSET)
-        t: int = tail
-        if t - head >= SLOTS - 1:
+        q = self._header()
+        t = q[Q_TAIL]
+        if t - q[Q_HEAD] >= SLOTS - 1:
             self._blocker(fdo.fd, t)  # advances head past finished tickets
-            head = QUEUE.unpack_from(self._buf, QUEUE_OFFSET)[1]
-            if t - head >= SLOTS - 1:
+            q = self._header()
+            if t - q[Q_HEAD] >= SLOTS - 1:
                 raise NonceError(f"more than {SLOTS - 1} threads wait for serialized()")
         self._take_slot(fdo.fd, t)
         self._set_slot(t, WAITING)
-        QUEUE.pack_into(self._buf, QUEUE_OFFSET, t + 1, head, entries, waited, torn, res)
+        q[Q_TAIL] = t + 1
+        QUEUE.write(self._buf, q)
+        with self._mutex:
+            self._active += 1
         fdo.ticket = t
         return t
 
@@ -192,9 +254,10 @@ class SectionQueue:
     def _start(self, t: int, issue: Callable[[], int], waited: bool) -> int:
         nonce = issue()  # on error the caller gives the ticket up
         self._set_slot(t, HELD)
-        self._bump(2)
-        if waited:
-            self._bump(3)
+        q = self._header()
+        q[Q_ENTRIES] += 1
+        q[Q_WAITED] += waited
+        QUEUE.write(self._buf, q)
         return nonce
 
     def _wait_for(self, fd: int, blocker: int, deadline: float | None) -> bool:
@@ -210,11 +273,46 @@ class SectionQueue:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
-        return _timed_wait(self._path, byte, remaining, self._fds)
+        return self._timed_wait(byte).wait(remaining)
+
+    def _timed_wait(self, byte: int) -> threading.Event:
+        """An event set once ``byte`` has no write lock, from a helper thread.
+
+        fcntl(F_OFD_SETLKW) cannot be interrupted from Python, so a helper thread
+        blocks in it on a descriptor of its own and outlives a caller that times out.
+        Later waits for the same byte reuse a pending helper instead of starting
+        another, so repeated timeouts against one long holder cost one thread.
+        """
+        with self._mutex:
+            event = self._waiters.get(byte)
+            if event is not None and not event.is_set():
+                return event
+            event = self._waiters[byte] = threading.Event()
+            fd = backend.reopen(self._base)
+            self._orphans.add(fd)
+        def run() -> None:
+            try:
+                backend.ofd_lock(fd, byte, backend.F_RDLCK, wait=True)
+                backend.ofd_unlock(fd, byte)
+            except OSError:
+                pass
+            finally:
+                event.set()
+                with self._mutex:
+                    if fd in self._orphans:  # not already closed by a fork child's hook
+                        self._orphans.discard(fd)
+                        os.close(fd)
+
+        threading.Thread(target=run, name="shmnonce-wait", daemon=True).start()
+        return event
 
     def _give_up_locked(self, fdo: _Fd) -> None:
         t, fdo.ticket = fdo.ticket, -1
-        if t < 0 or fdo.fd < 0:
+        if t < 0:
+            return
+        with self._mutex:
+            self._active -= 1
+        if fdo.fd < 0:
             return
         owner, _phase = self._slot(t)
         if owner == t:
@@ -223,10 +321,9 @@ class SectionQueue:
 
     def _give_up(self, fdo: _Fd) -> None:
         """Withdraw this thread's ticket (timeout, error, or interrupt while waiting)."""
-        if fdo.ticket >= 0 and fdo.fd >= 0:
+        if fdo.ticket >= 0:
             with self._counter():
                 self._give_up_locked(fdo)
-        fdo.ticket = -1
 
     def leave(self) -> None:
         """Leave the section held by this thread (no-op in a forked child).
@@ -239,35 +336,14 @@ class SectionQueue:
             return
         fdo = entry[1]
         t, fdo.ticket = fdo.ticket, -1
-        if t < 0 or fdo.fd < 0:
+        if t < 0:
             return
+        with self._mutex:
+            self._active -= 1
         _PHASE.pack_into(self._buf, SLOTS_OFFSET + (t % SLOTS) * 16 + 8, DONE)
         backend.ofd_unlock(fdo.fd, t % SLOTS)
 
 
-def _timed_wait(path: str, byte: int, timeout: float, registry: weakref.WeakSet[_Fd]) -> bool:
-    """Wait for a read lock on ``byte`` in a helper thread, up to ``timeout`` seconds.
-
-    fcntl(F_OFD_SETLKW) cannot be interrupted from Python, so a helper thread blocks
-    in it on a private descriptor. If the caller times out the helper stays until the
-    byte is released, then unlocks and closes its descriptor; its read lock only ever
-    exists for an instant and excludes nobody who matters.
-    """
-    fdo = _Fd(backend.open_lock_file(path))
-    registry.add(fdo)
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            fd = fdo.fd
-            if fd >= 0:
-                backend.ofd_lock(fd, byte, backend.F_RDLCK, wait=True)
-                backend.ofd_unlock(fd, byte)
-        except OSError:
-            pass
-        finally:
-            done.set()
-            fdo.close()
-
-    threading.Thread(target=run, name="shmnonce-wait", daemon=True).start()
-    return done.wait(timeout)
+def others_attached(fd: int) -> bool:
+    """Whether another open file description holds the PRESENCE byte of this queue file."""
+    return backend.ofd_test(fd, PRESENCE) != backend.F_UNLCK

@@ -7,14 +7,51 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from . import _repair
 from ._engine import ShmNonce
 from ._errors import NonceError
 from ._legacy import LegacyImport, LegacyImportError, import_legacy
+from ._paths import default_state_dir, validate_name
 from ._segment import SIZE
 
 __all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` (sub-parsers too) whose usage errors are one line on stderr, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        text = " ".join(message.splitlines())
+        self.exit(2, f"{self.prog}: error: {text} (see '{self.prog} --help')\n")
+
+
+class _UnknownSequence(Exception):
+    """``status`` of a name that has no state in the state directory."""
+
+
+def _require_existing(name: str, state_dir: str | None) -> None:
+    """Raise ``_UnknownSequence`` unless ``NAME.lock`` or ``NAME.ceiling`` exists.
+
+    Creates nothing (``resolve_state_dir`` would create the directory), so a
+    mistyped name does not start a new sequence.
+    """
+    validate_name(name)
+    raw = default_state_dir() if state_dir is None else state_dir
+    if not raw:
+        raise ValueError(f"invalid state_dir {state_dir!r}")
+    path = os.path.realpath(os.path.expanduser(raw))
+    for suffix in (".lock", ".ceiling"):
+        try:
+            os.stat(os.path.join(path, name + suffix))
+        except FileNotFoundError:
+            continue
+        return
+    raise _UnknownSequence(
+        f"no sequence {name!r} in {path} (neither {name}.lock nor {name}.ceiling exists); "
+        "'next' or 'jump' starts one"
+    )
 
 
 def _int_ns(text: str) -> int:
@@ -30,6 +67,7 @@ def _int_ns(text: str) -> int:
 def _status(args: argparse.Namespace) -> int:
     from ._procinfo import find_holder, scan_attached
 
+    _require_existing(args.name, args.state_dir)
     with ShmNonce.attach(args.name, args.state_dir) as eng:
         stats: dict[str, object] = dict(eng.stats())
         base = os.path.join(eng.state_dir, eng.name)
@@ -140,7 +178,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; extension commands add sub-parsers to it."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="shmnonce",
         description="Inspect and operate host-wide nonce sequences.",
     )
@@ -158,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add(
-        "status", _status, "show the sequence's values, counters, attached processes and lock holder"
+        "status", _status,
+        "show an existing sequence's values, counters, attached processes and lock holder "
+        "(creates nothing)",
     ).add_argument("--json", action="store_true", help="print one JSON object")
     add("next", _next, "issue one value and print it")
     add("jump", _jump, "set the last value to max(last, now) + NS and print it").add_argument(
@@ -198,8 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         status: int = args.func(args)
         return status
-    except (NonceError, ValueError, OSError) as exc:
-        print(f"shmnonce: error: {exc}", file=sys.stderr)
+    except (NonceError, ValueError, OSError, _UnknownSequence) as exc:
+        text = " ".join(str(exc).splitlines())
+        print(f"shmnonce: error: {text}", file=sys.stderr)
         return 1
 
 

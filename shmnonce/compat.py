@@ -47,6 +47,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
@@ -160,11 +161,15 @@ _settings = _Settings()
 _registry: dict[tuple[str, str], GlobalKrakenNonceManager] = {}
 _default_key: tuple[str, str] | None = None
 _registry_lock = threading.Lock()
+_managers: weakref.WeakSet[GlobalKrakenNonceManager] = weakref.WeakSet()
 
 
 def _after_fork_child() -> None:
+    """Fresh locks in a forked child: a thread of the parent may have held one at fork()."""
     global _registry_lock
     _registry_lock = threading.Lock()
+    for mgr in list(_managers):
+        mgr._flag_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_child)
@@ -509,10 +514,11 @@ class GlobalKrakenNonceManager:
         self.STARTUP_BURST_WINDOW = window
         self.MAX_BURST_RATE = max_rate
         self._guard_obj = None
-        self._flag_lock = threading.Lock()
+        self._flag_lock = threading.Lock()  # replaced in a forked child, see _after_fork_child
         self._serialization = True
         self._process_issued = 0
         self._api_lock = CompatLock(self)
+        _managers.add(self)
         log.info(
             "shmnonce.compat: using sequence %r in %s (segment %s)",
             self.engine.name, self.engine.state_dir, self.engine.segment_name,

@@ -110,6 +110,9 @@ def _invalid_nonce_message(method: str, attempts: int, sequence: str, nonce: int
 
 _BurstOption = bool | Mapping[str, float]
 
+_GUARDS: weakref.WeakSet[KrakenGuard] = weakref.WeakSet()
+"""Every live guard, so that the after-fork hook can give each a fresh lock."""
+
 
 class KrakenGuard:
     """Per-client policy and state: the key's engine, call counter, burst guard, retries.
@@ -143,9 +146,10 @@ class KrakenGuard:
         self.raise_errors = raise_errors
         self.lock_timeout = lock_timeout
         self.http_timeout = http_timeout
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # replaced in a forked child, see _after_fork_in_child
         self._engines: dict[str, tuple[Any, CallCounter, StartupBurstGuard | None]] = {}
         self._tls = threading.local()
+        _GUARDS.add(self)
 
     def __repr__(self) -> str:
         return (f"KrakenGuard(rate_limit={self.rate_limit and self.rate_limit.name!r}, "
@@ -310,12 +314,20 @@ class KrakenGuard:
 _SESSIONS: weakref.WeakSet[krakenex.API] = weakref.WeakSet()
 
 
-def _drop_inherited_connections() -> None:
-    """After fork: close the child's copies of pooled HTTP connections of guarded clients.
+def _after_fork_in_child() -> None:
+    """After fork: fresh guard locks; close the child's copies of pooled HTTP connections.
+
+    A guard's lock held by another thread of the parent at fork() (attaching an
+    engine, which does file I/O) would stay held forever in the child, where that
+    thread does not exist; the child's first new key would then wait forever.
+    Only the forking thread runs in the child, and a ``with`` block it was in
+    releases the old lock object, so replacing the lock is safe.
 
     A keep-alive connection inherited from the parent is one TCP stream shared by
     two processes; requests of both would interleave on it.
     """
+    for guard in list(_GUARDS):
+        guard._lock = threading.Lock()
     for api in list(_SESSIONS):
         session = getattr(api, "session", None)
         if session is not None:
@@ -323,7 +335,7 @@ def _drop_inherited_connections() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_inherited_connections)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _krakenex_errors(result: Any) -> list[str]:

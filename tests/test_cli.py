@@ -10,14 +10,29 @@ import sys
 import pytest
 
 from shmnonce import ShmNonce
+from shmnonce._paths import segment_name
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cli(*args: str, entry: str = "module") -> subprocess.CompletedProcess[str]:
+def cli(*args: str, entry: str = "module", env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "shmnonce"] if entry == "module" else ["shmnonce"]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    return subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
+def one_line(r: subprocess.CompletedProcess[str], status: int) -> str:
+    """The single stderr line of a failed command (nothing on stdout)."""
+    assert r.returncode == status, (r.returncode, r.stdout, r.stderr)
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and r.stderr.endswith("\n"), r.stderr
+    assert lines[0].startswith("shmnonce") and ": error: " in lines[0], r.stderr
+    return lines[0]
 
 
 def test_next_status_jump_unlink(state_dir: str) -> None:
@@ -62,10 +77,53 @@ def test_console_script(state_dir: str) -> None:
 def test_errors_exit_non_zero_with_one_line(state_dir: str, args: tuple[str, ...]) -> None:
     r = cli(*args, "--state-dir", state_dir)
     assert r.returncode != 0
-    assert r.stdout == ""
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith(("shmnonce: error:", "usage:")) or "error" in last
-    assert "Traceback" not in r.stderr
+    line = one_line(r, r.returncode)
+    assert "Traceback" not in r.stderr and "usage:" not in r.stderr
+    if r.returncode == 2:  # a usage error: points to the help
+        assert "--help" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        ((), "required: COMMAND"),
+        (("frobnicate", "x"), "invalid choice: 'frobnicate'"),
+        (("jump", "x", "-5"), "must be >= 0"),
+        (("next", "x", "--bogus"), "unrecognized arguments: --bogus"),
+        (("import-legacy", "x"), "required: FILE"),
+    ],
+)
+def test_usage_errors_are_one_line_exit_2(args: tuple[str, ...], expect: str) -> None:
+    line = one_line(cli(*args), 2)
+    assert expect in line and "--help" in line, line
+
+
+def test_status_of_unknown_sequence_creates_nothing(state_dir: str) -> None:
+    line = one_line(cli("status", "typo", "--state-dir", state_dir), 1)
+    assert "typo" in line
+    assert not os.path.exists(state_dir), "status created the state directory"
+    # default state dir (from the environment), not created either
+    one_line(cli("status", "typo", "--json", env={"SHMNONCE_STATE_DIR": state_dir}), 1)
+    assert not os.path.exists(state_dir)
+    # another sequence exists in the directory: still no lock file, ceiling or segment
+    assert cli("next", "other", "--state-dir", state_dir).returncode == 0
+    real = os.path.realpath(state_dir)
+    before = sorted(os.listdir(real))
+    one_line(cli("status", "typo", "--state-dir", state_dir), 1)
+    assert sorted(os.listdir(real)) == before and not any(f.startswith("typo") for f in before)
+    assert not os.path.exists(f"/dev/shm/{segment_name('typo', real)}")
+    one_line(cli("status", "bad/name", "--state-dir", state_dir), 1)
+    # next and jump still start a sequence; status then works
+    assert cli("jump", "typo", "0", "--state-dir", state_dir).returncode == 0
+    r = cli("status", "typo", "--json", "--state-dir", state_dir)
+    assert r.returncode == 0 and json.loads(r.stdout)["name"] == "typo", r.stderr
+    # a sequence known only by its ceiling (lock file and segment removed) is still found
+    os.unlink(os.path.join(real, "typo.lock"))
+    os.unlink(f"/dev/shm/{segment_name('typo', real)}")
+    r = cli("status", "typo", "--json", "--state-dir", state_dir)
+    assert r.returncode == 0, r.stderr
+    assert cli("unlink", "typo", "--state-dir", state_dir).returncode == 0
+    one_line(cli("status", "typo", "--state-dir", state_dir), 1)
 
 
 def test_state_error_is_one_line(state_dir: str) -> None:
@@ -82,4 +140,4 @@ def test_state_error_is_one_line(state_dir: str) -> None:
 @pytest.mark.parametrize("sub", [[], ["status"], ["next"], ["jump"], ["unlink"]])
 def test_help(sub: list[str]) -> None:
     r = cli(*sub, "--help")
-    assert r.returncode == 0 and "usage:" in r.stdout
+    assert r.returncode == 0 and "usage:" in r.stdout and r.stderr == ""

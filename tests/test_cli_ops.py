@@ -209,7 +209,9 @@ def test_import_legacy_bad_files_change_nothing(state_dir: str, tmp_path: object
 
 def test_import_legacy_needs_files(state_dir: str) -> None:
     r = cli("import-legacy", "x", "--state-dir", state_dir)
-    assert r.returncode == 2 and "usage:" in r.stderr
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and "required: FILE" in lines[0] and "--help" in lines[0], r.stderr
 
 
 @pytest.mark.parametrize("sub", [["import-legacy"], ["doctor"]])

@@ -19,6 +19,7 @@ import pytest
 
 from shmnonce import NonceError, ShmNonce, compat
 from shmnonce._segment import EXT_COMPAT_OFFSET
+from tests._fork_helpers import CHILD_HUNG, CHILD_OK, FORK_WARNING, fork_while_held
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -401,3 +402,13 @@ def test_closed_manager_refuses(compat_env: str) -> None:
     with pytest.raises(NonceError):
         lock.acquire()
     assert compat.get_global_nonce_manager() is not mgr  # attaches again
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.filterwarnings(FORK_WARNING)
+def test_forked_child_can_take_the_flag_lock(compat_env: str) -> None:
+    """A manager's flag lock held by another thread at fork() is free in the child."""
+    mgr = compat.get_global_nonce_manager()
+    code = fork_while_held(mgr._flag_lock, lambda: mgr.get_nonce(apply_rate_limiting=False))
+    assert code == CHILD_OK, f"child exit code {code} ({CHILD_HUNG}: hung on the flag lock)"
+    assert mgr.is_api_serialization_enabled()

@@ -186,8 +186,10 @@ def test_orphan_segments(state_dir: str, tmp_path: object) -> None:
                 segs.append(eng.segment_name)
         shutil.rmtree(gone)
         lock = os.path.join(replaced, "o.lock")
-        os.unlink(lock)
-        open(lock, "w").close()  # a new file: another inode than the segment recorded
+        # a new file with another inode than the segment recorded (created before the old
+        # one goes, so the file system cannot hand out the same inode number again)
+        open(lock + ".new", "w").close()
+        os.replace(lock + ".new", lock)
         rep = run_doctor(None, state_dir)
         by_seg = {f.details.get("segment"): f for f in _of(rep, "orphan_segment")}
         assert by_seg[segs[0]].status == "warn" and "gone" in by_seg[segs[0]].message

@@ -28,6 +28,7 @@ from shmnonce.kraken import (
     RateLimit,
     install,
 )
+from tests._fork_helpers import CHILD_HUNG, CHILD_OK, FORK_WARNING, fork_while_held
 from tests.kraken_server import ServerProcess
 
 pytestmark = pytest.mark.timeout(60)
@@ -349,3 +350,28 @@ def test_key_and_secret_never_exposed(api_a: KrakenAPI, server: ServerProcess,
             texts.append(fh.read().decode("latin-1"))
     for text in texts:
         assert key not in text and secret not in text
+
+
+# --------------------------------------------------------------------------- fork
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.filterwarnings(FORK_WARNING)
+@pytest.mark.parametrize("how", ["KrakenAPI", "install"])
+def test_child_forked_while_a_thread_attaches_is_not_deadlocked(state_dir: str, how: str) -> None:
+    """The guard's attach lock held by another thread at fork() is free in the child.
+
+    The child's first use of a key (an engine not yet attached) takes the lock; the
+    thread that held it in the parent does not exist in the child.
+    """
+    key, secret = f"fork-key-{how}", "c2VjcmV0"
+    if how == "KrakenAPI":
+        api = KrakenAPI(key, secret, state_dir)
+    else:
+        api = install(krakenex.API(key, secret), state_dir=state_dir)
+    guard = api.shmnonce
+    code = fork_while_held(guard._lock, lambda: guard.engine.next())
+    assert code == CHILD_OK, f"child exit code {code} ({CHILD_HUNG}: hung on the guard's lock)"
+    first = guard.engine.next()  # the parent's lock was released by its holder
+    assert guard.engine.next() > first
+    api.close()

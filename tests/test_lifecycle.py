@@ -1,0 +1,234 @@
+"""Handles under fork races, deleted files, torn queue headers, timeouts and close()."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from shmnonce import LockTimeout, NonceError, ShmNonce
+from shmnonce._segment import QUEUE
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_fork_while_other_threads_attach_and_close(state_dir: str) -> None:
+    """The fork hooks must not trip over engines added or removed during fork()."""
+    code = f"""
+import os, sys, threading
+from shmnonce import ShmNonce
+sd = {state_dir!r}
+main = ShmNonce.attach("main", sd)
+stop = threading.Event()
+def churn():
+    i = 0
+    while not stop.is_set():
+        e = ShmNonce.attach(f"c{{i % 3}}", sd)
+        e.next()
+        e.close()
+        i += 1
+threads = [threading.Thread(target=churn) for _ in range(2)]
+for t in threads:
+    t.start()
+for _ in range(100):
+    pid = os.fork()
+    if pid == 0:
+        main.next()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+stop.set()
+for t in threads:
+    t.join()
+main.next()
+main.close()
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=100, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
+    assert res.stderr == "", res.stderr  # no "Exception ignored in" from a fork hook
+
+
+def test_deleted_lock_files_do_not_split_the_lock(state_dir: str) -> None:
+    """Children forked after the files were deleted still lock the same inodes."""
+    eng = ShmNonce.attach("del", state_dir)
+    eng.next()
+    os.unlink(os.path.join(eng.state_dir, "del.lock"))
+    os.unlink(os.path.join(eng.state_dir, "del.queue"))
+    r, w = os.pipe()
+    pids = []
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:
+            vals = [eng.next() for _ in range(5000)]
+            os.write(w, ("\n".join(map(str, vals)) + "\n").encode())
+            os._exit(0)
+        pids.append(pid)
+    os.close(w)
+    mine = [eng.next() for _ in range(5000)]
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    os.close(r)
+    for pid in pids:
+        assert os.waitpid(pid, 0)[1] == 0
+    theirs = [int(x) for x in data.split()]
+    assert len(theirs) == 15_000
+    assert len(set(theirs) | set(mine)) == 20_000, "duplicates: the lock was split"
+    eng.close()
+
+
+def test_new_thread_after_queue_file_deleted_is_still_excluded(eng: ShmNonce) -> None:
+    inside = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with eng.serialized():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert inside.wait(5)
+    os.unlink(os.path.join(eng.state_dir, "t.queue"))
+    result: list[str] = []
+
+    def newcomer() -> None:  # a thread that never used the queue before
+        try:
+            with eng.serialized(timeout=0.3):
+                result.append("entered while held")
+        except LockTimeout:
+            result.append("timeout")
+
+    n = threading.Thread(target=newcomer)
+    n.start()
+    n.join()
+    release.set()
+    t.join()
+    assert result == ["timeout"]
+
+
+def test_torn_queue_header_is_rebuilt_and_exclusion_holds(eng: ShmNonce) -> None:
+    inside = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with eng.serialized():
+            inside.set()
+            release.wait(10)
+
+    for _ in range(300):  # tickets past 0xFF, so a torn little-endian write can lower tail
+        with eng.serialized():
+            pass
+    t = threading.Thread(target=holder)
+    t.start()
+    assert inside.wait(5)
+    raw = list(QUEUE.struct.unpack_from(eng._buf, QUEUE.offset))
+    raw[0] += 1  # first generation word written, the rest not yet
+    raw[1] = raw[1] & ~0xFF00  # tail half-written: lower than the truth
+    QUEUE.struct.pack_into(eng._buf, QUEUE.offset, *raw)
+    with pytest.raises(LockTimeout):
+        with eng.serialized(timeout=0.3):
+            pass
+    release.set()
+    t.join()
+    with eng.serialized(timeout=2):
+        pass
+    assert eng.stats()["torn_recoveries"] == 1
+
+
+def test_repeated_timeouts_against_one_holder_use_one_helper(eng: ShmNonce) -> None:
+    inside = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with eng.serialized():
+            inside.set()
+            release.wait(60)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert inside.wait(5)
+    threads_before = threading.active_count()
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for _ in range(200):
+        with pytest.raises(LockTimeout):
+            with eng.serialized(timeout=0.001):
+                pass
+    assert threading.active_count() <= threads_before + 1
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
+    release.set()
+    t.join()
+    with eng.serialized(timeout=2):
+        pass
+
+
+def test_close_refuses_while_a_thread_is_inside(eng: ShmNonce) -> None:
+    inside = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with eng.serialized():
+            inside.set()
+            release.wait(10)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert inside.wait(5)
+    with pytest.raises(NonceError, match="close"):
+        eng.close()
+    with pytest.raises(NonceError, match="close"):
+        eng.unlink()
+    other = ShmNonce.attach("t", eng.state_dir)
+    with pytest.raises(LockTimeout):  # the section is still held
+        with other.serialized(timeout=0.2):
+            pass
+    release.set()
+    t.join()
+    other.close()
+    eng.close()
+    with pytest.raises(NonceError, match="closed"):
+        eng.next()
+
+
+def test_logging_happens_after_the_lock_is_released(eng: ShmNonce) -> None:
+    """A slow log handler must not hold up next() in other processes."""
+    lock_path = os.path.join(eng.state_dir, "t.lock")
+    seen: list[bool] = []
+
+    class Probe(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            fd = os.open(lock_path, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free, or this raises
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                seen.append(True)
+            except BlockingIOError:
+                seen.append(False)
+            finally:
+                os.close(fd)
+
+    logger = logging.getLogger("shmnonce")
+    probe = Probe(logging.WARNING)
+    logger.addHandler(probe)
+    try:
+        base = time.time_ns()
+        clock = [base]
+        eng._clock = lambda: clock[0]  # type: ignore[method-assign]
+        eng.next()
+        clock[0] = base - 10_000_000  # a regression: logged
+        eng.next()
+        clock[0] = base - 20_000_000
+        eng.jump_forward(0)
+    finally:
+        logger.removeHandler(probe)
+    assert seen == [True, True]
+

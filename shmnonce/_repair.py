@@ -11,6 +11,7 @@ attached to it raise StateError instead of issuing values.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import mmap
 import os
@@ -43,7 +44,7 @@ def _paths(name: str, state_dir: str) -> tuple[str, str, str]:
 def _locked(lock_path: str) -> Iterator[None]:
     fd = backend.open_lock_file(lock_path)
     try:
-        backend.flock_ex(fd, 2)
+        backend.flock_ex(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)

@@ -24,7 +24,6 @@ and the wait happens after the lock is released.
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -42,17 +41,14 @@ __all__ = [
     "resolve_rate_limit",
 ]
 
-from ._segment import EXT_RATELIMIT_OFFSET, EXT_RATELIMIT_SIZE
+from ._segment import EXT_RATELIMIT_OFFSET, EXT_RATELIMIT_SIZE, Bracketed
 
 _NS = 1_000_000_000
 _U64 = (1 << 64) - 1
 
-_COUNTER_OFF = 0
-_BURST_OFF = 128
-_RECORD_SIZE = 128
 _FIELDS = 14  # u64 fields between the two generation numbers of a record
-_BODY = struct.Struct(f"<{_FIELDS}Q")
-_GEN = struct.Struct("<Q")
+_COUNTER = Bracketed(0, _FIELDS)  # offsets relative to the area's view
+_BURST = Bracketed(128, _FIELDS)
 
 # Event counters kept in the call-counter record (indices into the body).
 EVENTS: tuple[str, ...] = (
@@ -165,21 +161,9 @@ def resolve_rate_limit(value: str | RateLimit | None) -> RateLimit | None:
 # --------------------------------------------------------------------------- records
 
 
-def _read(mv: memoryview, off: int) -> tuple[list[int], bool]:
-    """Return (body fields, valid). A fresh (all-zero) record is valid."""
-    front = _GEN.unpack_from(mv, off)[0]
-    back = _GEN.unpack_from(mv, off + _RECORD_SIZE - 8)[0]
-    body = list(_BODY.unpack_from(mv, off + 8))
-    return body, front == back
-
-
-def _write(mv: memoryview, off: int, body: list[int]) -> None:
-    """Write a record: new generation first, then the body, then the generation again."""
-    gen = _GEN.unpack_from(mv, off)[0]
-    gen = 1 if gen >= _U64 else gen + 1
-    _GEN.pack_into(mv, off, gen)
-    _BODY.pack_into(mv, off + 8, *(min(max(int(v), 0), _U64) for v in body))
-    _GEN.pack_into(mv, off + _RECORD_SIZE - 8, gen)
+def _write(record: Bracketed, mv: memoryview, body: list[int]) -> None:
+    """Write a record's body, each field clamped to the u64 range (torn-safe, see Bracketed)."""
+    record.write(mv, [min(max(int(v), 0), _U64) for v in body])
 
 
 class _Area:
@@ -190,7 +174,7 @@ class _Area:
     """
 
     def __init__(self, engine: _Engine) -> None:
-        if EXT_RATELIMIT_SIZE < 2 * _RECORD_SIZE:  # pragma: no cover - layout guard
+        if _BURST.offset + _BURST.struct.size > EXT_RATELIMIT_SIZE:  # pragma: no cover - layout guard
             raise RuntimeError("EXT_RATELIMIT area is too small")
         self.engine = engine
         self._view: memoryview | None = None
@@ -223,10 +207,10 @@ class CallCounter:
 
     def _load(self, mv: memoryview, now: int) -> list[int]:
         """The counter record; a torn or implausible one is reset to a full counter."""
-        body, valid = _read(mv, _COUNTER_OFF)
-        if valid and (body[_C_TAT] == 0 or abs(body[_C_TAT] - now) < _SANE_NS):
+        body = _COUNTER.read(mv)  # None: torn
+        if body is not None and (body[_C_TAT] == 0 or abs(body[_C_TAT] - now) < _SANE_NS):
             return body  # tat == 0: fresh area (segment just created), empty counter
-        resets = body[_C_RESETS] + 1 if valid else 1
+        resets = body[_C_RESETS] + 1 if body is not None else 1
         body = [0] * _FIELDS
         body[_C_RESETS] = resets
         body[_C_TAT] = now
@@ -262,7 +246,7 @@ class CallCounter:
                 body[_C_WAITS] += 1
                 body[_C_WAIT_NS] += wait_ns
                 body[_C_MAX_WAIT] = max(body[_C_MAX_WAIT], wait_ns)
-            _write(mv, _COUNTER_OFF, body)
+            _write(_COUNTER, mv, body)
         return wait_ns
 
     def acquire(self, cost: int = 1) -> float:
@@ -278,7 +262,7 @@ class CallCounter:
         with self._area.locked() as mv:
             body = self._load(mv, self._clock())
             body[idx] += n
-            _write(mv, _COUNTER_OFF, body)
+            _write(_COUNTER, mv, body)
 
     def level(self) -> float:
         """The modelled counter level now (0.0 when no limit is set)."""
@@ -365,16 +349,15 @@ class StartupBurstGuard:
         created_at: int | None = None
         while True:
             with self._area.locked() as mv:
-                body, valid = _read(mv, _BURST_OFF)
-                ready = valid and body[_B_CREATED] != 0
-                dirty = False
-                if not ready and created_at is not None:
+                stored = _BURST.read(mv)  # None: torn
+                body = stored if stored is not None and stored[_B_CREATED] != 0 else None
+                dirty = body is None
+                if body is None and created_at is not None:
                     body = [0] * _FIELDS
                     body[_B_CREATED] = created_at
-                    if not valid:  # torn by a killed writer: space from now on
+                    if stored is None:  # torn by a killed writer: space from now on
                         body[_B_NEXT] = self._clock() + self._spacing_ns
-                    ready = dirty = True
-                if ready:
+                if body is not None:
                     wait_ns = 0
                     now = self._clock()
                     if reserve and self._wall() < body[_B_CREATED] + self._window_ns:
@@ -388,7 +371,7 @@ class StartupBurstGuard:
                             body[_B_MAX_WAIT] = max(body[_B_MAX_WAIT], wait_ns)
                         dirty = True
                     if dirty:
-                        _write(mv, _BURST_OFF, body)
+                        _write(_BURST, mv, body)
                     return body, wait_ns
             created_at = self._created_at()
 

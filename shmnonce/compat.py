@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 import time
 import weakref
@@ -59,7 +58,7 @@ from ._errors import LockTimeout, NonceError
 from ._legacy import LegacyImport, LegacyImportError, import_legacy
 from ._paths import api_key_name, resolve_state_dir, validate_name
 from ._ratelimit import StartupBurstGuard
-from ._segment import EXT_COMPAT_OFFSET, EXT_COMPAT_SIZE
+from ._segment import EXT_COMPAT_OFFSET, EXT_COMPAT_SIZE, Bracketed
 
 __all__ = [
     "CompatLock",
@@ -91,18 +90,18 @@ _NS = 1_000_000_000
 _RING = 16
 """How many of the latest nonce times (host-wide) ``recent_burst_rate`` is computed over."""
 
-# The compat counters in the segment's EXT_COMPAT area (u64, little-endian):
-# gen, started_at (wall ns), nonces, lock_entries, lock_waits, lock_wait_ns,
-# rate_limited, rate_limited_ns, ring_pos, ring[16] (monotonic ns), gen.
-_REC = struct.Struct(f"<9Q{_RING}QQ")
-_GEN, _STARTED, _NONCES, _ENTRIES, _LWAITS, _LWAIT_NS, _RLIM, _RLIM_NS, _RPOS = range(9)
-_RING0 = 9
-_GEN2 = _RING0 + _RING
+# The compat counters in the segment's EXT_COMPAT area (u64, little-endian), bracketed
+# by a generation number at both ends (see Bracketed): started_at (wall ns), nonces,
+# lock_entries, lock_waits, lock_wait_ns, rate_limited, rate_limited_ns, ring_pos,
+# ring[16] (monotonic ns).
+_STARTED, _NONCES, _ENTRIES, _LWAITS, _LWAIT_NS, _RLIM, _RLIM_NS, _RPOS = range(8)
+_RING0 = 8
+_REC = Bracketed(0, _RING0 + _RING)  # offset relative to the area's view
 _U64 = 2**64 - 1
 _LOCK_WAIT_COUNTED_NS = 1_000_000
 """An API-lock entry that waited longer than this (1 ms) counts in ``api_lock_waits``."""
 
-assert _REC.size <= EXT_COMPAT_SIZE
+assert _REC.offset + _REC.struct.size <= EXT_COMPAT_SIZE
 
 
 # --------------------------------------------------------------------------- settings
@@ -257,29 +256,23 @@ class _Counters:
         self._eng = eng
         self._view = eng._shared(EXT_COMPAT_OFFSET, EXT_COMPAT_SIZE)
 
-    def _load(self) -> tuple[list[int], bool]:
-        """The record (lock held); the flag says it was torn and has been reset."""
-        vals = list(_REC.unpack_from(self._view, 0))
-        torn = vals[_GEN] != vals[_GEN2]
-        if torn or vals[_STARTED] == 0:
-            gen = max(vals[_GEN], vals[_GEN2])
-            vals = [0] * len(vals)
-            vals[_GEN] = vals[_GEN2] = gen
+    def _load(self) -> tuple[list[int], bool, bool]:
+        """(values, torn, reset), lock held: a torn or fresh record is reset to zero."""
+        vals = _REC.read(self._view)
+        torn = vals is None
+        if vals is None or vals[_STARTED] == 0:
+            vals = [0] * (_RING0 + _RING)
             vals[_STARTED] = time.time_ns()
-        return vals, torn
-
-    def _store(self, vals: list[int]) -> None:
-        gen = vals[_GEN] + 1 if vals[_GEN] < _U64 else 1
-        vals[_GEN] = vals[_GEN2] = gen
-        _REC.pack_into(self._view, 0, *(min(v, _U64) for v in vals))
+            return vals, torn, True
+        return vals, torn, False
 
     def _update(self, apply: Callable[[list[int]], None] | None) -> list[int]:
         with self._eng._short_lock():
-            vals, torn = self._load()
+            vals, torn, reset = self._load()
             if apply is not None:
                 apply(vals)
-            if apply is not None or torn or vals[_GEN] == 0:
-                self._store(vals)
+            if apply is not None or reset:
+                _REC.write(self._view, [min(v, _U64) for v in vals])
         if torn:
             log.warning(
                 "sequence %r: the compat counters were torn (a process was killed while "
@@ -310,15 +303,13 @@ class _Counters:
     def clear_ring(self) -> None:
         def apply(v: list[int]) -> None:
             v[_RPOS] = 0
-            v[_RING0:_GEN2] = [0] * _RING
+            v[_RING0:] = [0] * _RING
 
         self._update(apply)
 
     def reset(self) -> None:
         def apply(v: list[int]) -> None:
-            gen = v[_GEN]
             v[:] = [0] * len(v)
-            v[_GEN] = v[_GEN2] = gen
             v[_STARTED] = time.time_ns()
 
         self._update(apply)

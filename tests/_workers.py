@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 from shmnonce import ShmNonce
 
@@ -67,6 +70,37 @@ def hold_section(name: str, state_dir: str, ready: str, seconds: float) -> None:
         time.sleep(seconds)
         with open(ready + ".left", "w") as fh:
             fh.write(repr(time.time()))
+
+
+def wait_for_file(path: str, timeout: float = 30.0) -> None:
+    """Poll (test helper only) until ``path`` exists."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.002)
+
+
+@contextlib.contextmanager
+def held_by_thread(eng: ShmNonce) -> Iterator[None]:
+    """Run the body while another thread of this process holds ``eng.serialized()``."""
+    inside = threading.Event()
+    release = threading.Event()
+
+    def holder() -> None:
+        with eng.serialized():
+            inside.set()
+            release.wait(60)
+
+    t = threading.Thread(target=holder)
+    t.start()
+    try:
+        if not inside.wait(5):
+            raise TimeoutError("the holder thread did not enter")
+        yield
+    finally:
+        release.set()
+        t.join()
 
 
 def main(argv: list[str]) -> None:

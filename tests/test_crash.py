@@ -15,15 +15,10 @@ import pytest
 
 from shmnonce import ShmNonce
 
+from . import _workers
+
 pytestmark = pytest.mark.timeout(180)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _wait_for(path: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.002)
 
 
 def _hold_and_report(name: str, state_dir: str, ready: str, eng: ShmNonce | None) -> None:
@@ -53,7 +48,7 @@ def test_sigkill_inside_serialized_releases_the_section(state_dir: str, tmp_path
                 target=_hold_and_report, args=("k", state_dir, ready, eng if kind == "fork" else None))
             p.start()
             pid = p.pid  # type: ignore[assignment]
-        _wait_for(ready)
+        _workers.wait_for_file(ready)
         with open(ready) as fh:
             text = fh.read()
         if kind != "unrelated":
@@ -144,7 +139,7 @@ def test_forked_child_does_not_keep_a_dead_parents_lock(state_dir: str, tmp_path
     ready = os.path.join(str(tmp_path), "ready")
     p = mp.get_context("fork").Process(target=_parent_forks_while_holding, args=("fk", state_dir, ready))
     p.start()
-    _wait_for(ready)
+    _workers.wait_for_file(ready)
     with open(ready) as fh:
         grandchild = int(fh.read())
     try:

@@ -15,6 +15,8 @@ import pytest
 from shmnonce import LockTimeout, NonceError, ShmNonce
 from shmnonce._segment import QUEUE
 
+from ._workers import held_by_thread
+
 pytestmark = pytest.mark.timeout(120)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,18 +89,6 @@ def test_deleted_lock_files_do_not_split_the_lock(state_dir: str) -> None:
 
 
 def test_new_thread_after_queue_file_deleted_is_still_excluded(eng: ShmNonce) -> None:
-    inside = threading.Event()
-    release = threading.Event()
-
-    def holder() -> None:
-        with eng.serialized():
-            inside.set()
-            release.wait(10)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    assert inside.wait(5)
-    os.unlink(os.path.join(eng.state_dir, "t.queue"))
     result: list[str] = []
 
     def newcomer() -> None:  # a thread that never used the queue before
@@ -108,96 +98,56 @@ def test_new_thread_after_queue_file_deleted_is_still_excluded(eng: ShmNonce) ->
         except LockTimeout:
             result.append("timeout")
 
-    n = threading.Thread(target=newcomer)
-    n.start()
-    n.join()
-    release.set()
-    t.join()
+    with held_by_thread(eng):
+        os.unlink(os.path.join(eng.state_dir, "t.queue"))
+        n = threading.Thread(target=newcomer)
+        n.start()
+        n.join()
     assert result == ["timeout"]
 
-
 def test_torn_queue_header_is_rebuilt_and_exclusion_holds(eng: ShmNonce) -> None:
-    inside = threading.Event()
-    release = threading.Event()
-
-    def holder() -> None:
-        with eng.serialized():
-            inside.set()
-            release.wait(10)
-
     for _ in range(300):  # tickets past 0xFF, so a torn little-endian write can lower tail
         with eng.serialized():
             pass
-    t = threading.Thread(target=holder)
-    t.start()
-    assert inside.wait(5)
-    raw = list(QUEUE.struct.unpack_from(eng._buf, QUEUE.offset))
-    raw[0] += 1  # first generation word written, the rest not yet
-    raw[1] = raw[1] & ~0xFF00  # tail half-written: lower than the truth
-    QUEUE.struct.pack_into(eng._buf, QUEUE.offset, *raw)
-    with pytest.raises(LockTimeout):
-        with eng.serialized(timeout=0.3):
-            pass
-    release.set()
-    t.join()
+    with held_by_thread(eng):
+        raw = list(QUEUE.struct.unpack_from(eng._buf, QUEUE.offset))
+        raw[0] += 1  # first generation word written, the rest not yet
+        raw[1] = raw[1] & ~0xFF00  # tail half-written: lower than the truth
+        QUEUE.struct.pack_into(eng._buf, QUEUE.offset, *raw)
+        with pytest.raises(LockTimeout):
+            with eng.serialized(timeout=0.3):
+                pass
     with eng.serialized(timeout=2):
         pass
     assert eng.stats()["torn_recoveries"] == 1
 
-
 def test_repeated_timeouts_against_one_holder_use_one_helper(eng: ShmNonce) -> None:
-    inside = threading.Event()
-    release = threading.Event()
-
-    def holder() -> None:
-        with eng.serialized():
-            inside.set()
-            release.wait(60)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    assert inside.wait(5)
-    threads_before = threading.active_count()
-    fds_before = len(os.listdir("/proc/self/fd"))
-    for _ in range(200):
-        with pytest.raises(LockTimeout):
-            with eng.serialized(timeout=0.001):
-                pass
-    assert threading.active_count() <= threads_before + 1
-    assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
-    release.set()
-    t.join()
+    with held_by_thread(eng):
+        threads_before = threading.active_count()
+        fds_before = len(os.listdir("/proc/self/fd"))
+        for _ in range(200):
+            with pytest.raises(LockTimeout):
+                with eng.serialized(timeout=0.001):
+                    pass
+        assert threading.active_count() <= threads_before + 1
+        assert len(os.listdir("/proc/self/fd")) <= fds_before + 2
     with eng.serialized(timeout=2):
         pass
 
-
 def test_close_refuses_while_a_thread_is_inside(eng: ShmNonce) -> None:
-    inside = threading.Event()
-    release = threading.Event()
-
-    def holder() -> None:
-        with eng.serialized():
-            inside.set()
-            release.wait(10)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    assert inside.wait(5)
-    with pytest.raises(NonceError, match="close"):
-        eng.close()
-    with pytest.raises(NonceError, match="close"):
-        eng.unlink()
     other = ShmNonce.attach("t", eng.state_dir)
-    with pytest.raises(LockTimeout):  # the section is still held
-        with other.serialized(timeout=0.2):
-            pass
-    release.set()
-    t.join()
+    with held_by_thread(eng):
+        with pytest.raises(NonceError, match="close"):
+            eng.close()
+        with pytest.raises(NonceError, match="close"):
+            eng.unlink()
+        with pytest.raises(LockTimeout):  # the section is still held
+            with other.serialized(timeout=0.2):
+                pass
     other.close()
     eng.close()
     with pytest.raises(NonceError, match="closed"):
         eng.next()
-
 
 def test_logging_happens_after_the_lock_is_released(eng: ShmNonce) -> None:
     """A slow log handler must not hold up next() in other processes."""

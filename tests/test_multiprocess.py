@@ -158,10 +158,7 @@ def test_next_does_not_wait_for_a_section_held_elsewhere(state_dir: str, tmp_pat
     ready = os.path.join(str(tmp_path), "ready")
     holder = _run_unrelated(["hold", "nw", state_dir, ready, "3"])
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(ready):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        _workers.wait_for_file(ready)
         with ShmNonce.attach("nw", state_dir) as eng:
             t0 = time.monotonic()
             values = [eng.next() for _ in range(1000)]
@@ -178,10 +175,7 @@ def test_waiter_wakes_when_holder_leaves(state_dir: str, tmp_path: object) -> No
     ready = os.path.join(str(tmp_path), "ready")
     holder = _run_unrelated(["hold", "wk", state_dir, ready, "1.0"])
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(ready):
-            assert time.monotonic() < deadline
-            time.sleep(0.005)
+        _workers.wait_for_file(ready)
         delays = []
         with ShmNonce.attach("wk", state_dir) as eng:
             for timeout in (None, 30.0):
@@ -195,9 +189,7 @@ def test_waiter_wakes_when_holder_leaves(state_dir: str, tmp_path: object) -> No
                     os.unlink(ready + ".left")
                     holder.wait(30)
                     holder = _run_unrelated(["hold", "wk", state_dir, ready, "1.0"])
-                    while not os.path.exists(ready):
-                        assert time.monotonic() < deadline
-                        time.sleep(0.005)
+                    _workers.wait_for_file(ready)
         # the holder writes ".left" just before leaving; a 50 ms poll would show up here
         assert all(d < 0.03 for d in delays), delays
     finally:

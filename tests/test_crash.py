@@ -14,8 +14,10 @@ import time
 import pytest
 
 from shmnonce import ShmNonce
+from shmnonce._segment import Q_TAIL, QUEUE
 
 from . import _workers
+from ._workers import held_by_thread
 
 pytestmark = pytest.mark.timeout(180)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -182,3 +184,41 @@ def test_fork_inherited_handle_in_child_and_parent_stay_unique(state_dir: str) -
     assert len(theirs) == 2001 and min(theirs) > first
     assert len(set(mine) | set(theirs)) == 4001
     eng.unlink()
+
+
+def _wait_in_queue(name: str, state_dir: str, marker: str) -> None:
+    eng = ShmNonce.attach(name, state_dir)
+    with open(marker, "w"):
+        pass
+    with eng.serialized():  # blocks behind the holder until killed
+        time.sleep(60)
+
+
+def test_killed_waiters_do_not_block_the_queue(state_dir: str, tmp_path: object) -> None:
+    """Tickets of waiters SIGKILLed while queued are skipped; FIFO order resumes."""
+    eng = ShmNonce.attach("kw", state_dir)
+    waiters = []
+    with held_by_thread(eng):
+        for i in range(3):
+            marker = os.path.join(str(tmp_path), f"w{i}")
+            p = mp.get_context("fork").Process(target=_wait_in_queue, args=("kw", state_dir, marker))
+            p.start()
+            _workers.wait_for_file(marker)
+            waiters.append(p)
+        deadline = time.monotonic() + 10
+        while eng.stats()["section_entries"] < 1 or _queued(eng) < 4:
+            assert time.monotonic() < deadline, "waiters never queued"
+            time.sleep(0.01)
+        for p in waiters:
+            os.kill(p.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            p.join()
+    t0 = time.monotonic()
+    with eng.serialized(timeout=5):
+        assert time.monotonic() - t0 < 1.0
+    eng.unlink()
+
+
+def _queued(eng: ShmNonce) -> int:
+    """Tickets taken so far (holder and waiters), from the queue header."""
+    raw = QUEUE.struct.unpack_from(eng._buf, QUEUE.offset)
+    return int(raw[1 + Q_TAIL])

@@ -85,7 +85,7 @@ def test_deleted_lock_files_do_not_split_the_lock(state_dir: str) -> None:
     theirs = [int(x) for x in data.split()]
     assert len(theirs) == 15_000
     assert len(set(theirs) | set(mine)) == 20_000, "duplicates: the lock was split"
-    eng.close()
+    eng.unlink()  # the conftest cleanup finds segments through NAME.lock, deleted here
 
 
 def test_new_thread_after_queue_file_deleted_is_still_excluded(eng: ShmNonce) -> None:

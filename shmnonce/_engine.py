@@ -132,13 +132,20 @@ class ShmNonce:
 
     def _refuse_if_others_attached(self, qfd: int) -> None:
         """Before creating a segment: nobody may still use a removed one."""
-        if others_attached(qfd):
-            raise StateError(
-                f"segment /dev/shm/{self.segment_name} of sequence {self.name!r} is gone while "
-                "processes are still attached to it (it was removed, e.g. by systemd-logind "
-                "RemoveIPC or by hand); a new segment would diverge from theirs. Stop them "
-                f"(see 'shmnonce doctor {self.name}' for their pids), then attach again"
-            )
+        if not others_attached(qfd):
+            return
+        from ._procinfo import scan_attached  # psutil scan: only on this error path
+
+        scan = scan_attached(self.segment_name, self._lock_path, self._queue_path,
+                             exclude_pid=os.getpid())
+        pids = [p.pid for p in scan.processes]
+        who = (f"pid(s) {pids}" if pids else
+               f"processes this user cannot inspect (try: fuser -v {self._queue_path})")
+        raise StateError(
+            f"segment /dev/shm/{self.segment_name} of sequence {self.name!r} is gone while "
+            f"{who} still use it (it was removed, e.g. by systemd-logind RemoveIPC or by "
+            "hand); a new segment would diverge from theirs. Stop them, then attach again"
+        )
 
     # -- construction ----------------------------------------------------------------
     @classmethod

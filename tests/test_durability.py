@@ -278,7 +278,7 @@ def test_segment_removed_while_attached(state_dir: str) -> None:
     a = ShmNonce.attach("rm", state_dir)
     va = [a.next() for _ in range(10)]
     _reboot(a)  # removed under a live process
-    with pytest.raises(StateError, match="still attached"):
+    with pytest.raises(StateError, match="still use it"):
         ShmNonce.attach("rm", state_dir)
     va += [a.next() for _ in range(10)]  # the survivor goes on, increasing
     assert va == sorted(set(va))
@@ -300,7 +300,30 @@ def test_presence_is_per_process_and_survives_fork_of_others(state_dir: str) -> 
         os._exit(0)
     os.waitpid(pid, 0)
     _reboot(a)
-    with pytest.raises(StateError, match="still attached"):
+    with pytest.raises(StateError, match="still use it"):
         ShmNonce.attach("pr", state_dir)
     a.close()
     ShmNonce.attach("pr", state_dir).unlink()
+
+
+def test_refusal_names_the_processes_still_attached(state_dir: str, tmp_path: object) -> None:
+    ready = os.path.join(str(tmp_path), "ready")
+    code = (
+        "import sys, time; from shmnonce import ShmNonce\n"
+        "e = ShmNonce.attach('nm', sys.argv[1]); e.next()\n"
+        "open(sys.argv[2], 'w').close(); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, state_dir, ready], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(ready):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.unlink(f"/dev/shm/{segment_name('nm', os.path.realpath(state_dir))}")
+        with pytest.raises(StateError, match=f"pid\\(s\\) \\[{proc.pid}\\]"):
+            ShmNonce.attach("nm", state_dir)
+    finally:
+        proc.kill()
+        proc.wait()
+    with ShmNonce.attach("nm", state_dir) as eng:  # its holder is gone: a new segment
+        eng.unlink()

@@ -53,10 +53,12 @@ def _before_fork() -> None:
     _forking[:] = list(_engines)
     for eng in _forking:
         eng._tlock.acquire()
+        eng._queue._mutex.acquire()  # no thread is between opening and recording a descriptor
 
 
 def _after_fork_parent() -> None:
     for eng in _forking:
+        eng._queue._mutex.release()
         eng._tlock.release()
     _forking.clear()
     _registry.release()
@@ -65,9 +67,24 @@ def _after_fork_parent() -> None:
 def _after_fork_child() -> None:
     global _registry
     _registry = threading.Lock()
-    for eng in _forking:
-        eng._after_fork_child()
-    _forking.clear()
+    try:
+        for eng in _forking:
+            try:
+                eng._after_fork_child()
+            except Exception:  # its descriptors are gone: calls raise StateError
+                eng._tlock = threading.Lock()
+    finally:
+        _forking.clear()
+
+
+def _is_at(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    fst = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
 
 
 os.register_at_fork(
@@ -99,20 +116,46 @@ class ShmNonce:
         self._views: dict[tuple[int, int], memoryview] = {}
         self._deferred: list[tuple[Any, ...]] = []
         self._counter = _CounterLock(self)
+        # Under the registry lock: a fork() now would copy descriptors no hook knows about.
+        with _registry:
+            for _attempt in range(10):
+                if self._open_and_attach():
+                    break
+            else:
+                raise StateError(
+                    f"sequence {name!r}: its lock files in {state_dir!r} keep being removed "
+                    "while attaching (a concurrent 'shmnonce unlink'?)"
+                )
+            _engines.add(self)
+        self._flush_log()
+
+    def _open_and_attach(self) -> bool:
+        """Open the files, lock, then create or attach the segment (registry lock held).
+
+        Returns False, having closed everything, if a concurrent unlink removed a file
+        between opening it and locking it: a segment bound to a removed file would
+        refuse every later attacher.
+        """
         self._fd = self._open_lock(self._lock_path)
         qfd = -1
         try:
             qfd = self._open_lock(self._queue_path)
             with self._short_lock():
+                if not (_is_at(self._fd, self._lock_path) and _is_at(qfd, self._queue_path)):
+                    os.close(qfd)
+                    qfd = -1
+                    return False
                 # Read the ceiling first: never create a segment over unreadable state.
                 ceiling = read_ceiling(self._ceiling_path)
                 self._seg = open_segment(
-                    self.segment_name, name, state_dir, os.fstat(self._fd), os.fstat(qfd),
-                    lambda: self._refuse_if_others_attached(qfd),
+                    self.segment_name, self.name, self.state_dir, os.fstat(self._fd),
+                    os.fstat(qfd), lambda: self._refuse_if_others_attached(qfd),
                 )
                 self._buf = self._seg.buf
                 try:
-                    self._queue = SectionQueue(qfd, self._buf, self._short_lock)
+                    self._queue = SectionQueue(
+                        qfd, self._queue_path, self._buf, self._short_lock, self._log
+                    )
                     qfd = -1  # owned by the queue now
                     self._check_ceiling(ceiling)
                 except BaseException:
@@ -120,15 +163,17 @@ class ShmNonce:
                         self._queue.detach()
                     self._buf.close()
                     raise
+            return True
         except BaseException:
             if qfd >= 0:
                 os.close(qfd)
             os.close(self._fd)
+            self._fd = -1
             raise
         finally:
-            self._flush_log()
-        with _registry:
-            _engines.add(self)
+            if self._fd >= 0 and not hasattr(self, "_queue"):
+                os.close(self._fd)  # the retry path
+                self._fd = -1
 
     def _refuse_if_others_attached(self, qfd: int) -> None:
         """Before creating a segment: nobody may still use a removed one."""
@@ -136,6 +181,11 @@ class ShmNonce:
             return
         from ._procinfo import scan_attached  # psutil scan: only on this error path
 
+        if any(e.segment_name == self.segment_name and not e._closed for e in _engines):
+            raise StateError(
+                f"segment /dev/shm/{self.segment_name} of sequence {self.name!r} is gone while "
+                "this process still has a handle of it open: close() that handle first"
+            )
         scan = scan_attached(self.segment_name, self._lock_path, self._queue_path,
                              exclude_pid=os.getpid())
         pids = [p.pid for p in scan.processes]
@@ -283,7 +333,7 @@ class ShmNonce:
         rec: tuple[int, int, int, int, int, int, int] = RECORD.unpack_from(self._buf, RECORD_OFFSET)
         if self._seg.read_header().flags & FLAG_UNLINKED:
             raise StateError(
-                f"sequence {self.name!r} was unlinked; attach again to start a new one"
+                f"sequence {self.name!r} was unlinked; close this handle and attach again"
             )
         if rec[0] != rec[6]:
             self._recover_torn()
@@ -368,8 +418,8 @@ class ShmNonce:
         Entrants are served in arrival order; a waiter wakes as soon as the holder
         leaves or dies. ``next()`` elsewhere does not wait for the section.
         """
-        if self._closed:
-            raise NonceError(f"sequence {self.name!r}: this handle is closed")
+        if self._closed or self._fd < 0:
+            raise self._unusable(NonceError("unusable handle"))
         nonce = self._queue.enter(timeout, self._issue)
         try:
             yield nonce
@@ -408,19 +458,29 @@ class ShmNonce:
     def _after_fork_child(self) -> None:
         """In a forked child: fresh in-process lock and descriptors of its own.
 
-        New descriptors are opened through /proc/self/fd, so they refer to the same
-        files as the parent's even if those were deleted and recreated by path.
+        The inherited lock descriptor is closed first: if anything below fails, this
+        handle must not go on sharing the parent's lock (it raises StateError instead).
         """
         self._tlock = threading.Lock()
         self._deferred = []
         if self._closed:
             return
-        self._queue.after_fork_child()
         old, self._fd = self._fd, -1
         try:
-            self._fd = backend.reopen(old)
+            self._fd = backend.reopen(old, self._lock_path)
         finally:
             os.close(old)
+            self._queue.after_fork_child()
+
+    def __del__(self) -> None:
+        # A handle dropped without close(): give back its descriptors and its presence.
+        fd = getattr(self, "_fd", -1)
+        if not getattr(self, "_closed", True) and fd >= 0:
+            self._fd = -1
+            os.close(fd)
+            queue = getattr(self, "_queue", None)
+            if queue is not None:
+                queue.release_descriptors()
 
     def close(self) -> None:
         """Detach this process; the sequence and its values live on.

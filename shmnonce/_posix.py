@@ -70,13 +70,23 @@ def open_lock_file(path: str) -> int:
     return fd
 
 
-def reopen(fd: int) -> int:
-    """A new open file description of the inode behind ``fd`` (via /proc/self/fd).
+def reopen(fd: int, path: str) -> int:
+    """A new open file description of the inode behind ``fd``.
 
-    Unlike opening by path, this cannot end up on a different file if the original
-    was deleted and recreated, so locks taken through it still exclude the others.
+    Through /proc/self/fd, so that it cannot land on another file if the original was
+    deleted and recreated. Without /proc, ``path`` is opened and must be that inode.
     """
-    return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self/fd"):
+            raise
+    new = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    a, b = os.fstat(fd), os.fstat(new)
+    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+        os.close(new)
+        raise FileNotFoundError(f"{path!r} was replaced and /proc is not mounted")
+    return new
 
 
 def ofd_lock(fd: int, start: int, kind: int, wait: bool) -> bool:

@@ -73,12 +73,16 @@ class SectionQueue:
     def __init__(
         self,
         base_fd: int,
+        path: str,
         buf: Any,
         counter: Callable[[], AbstractContextManager[None]],
+        deferred_log: Callable[..., None],
     ) -> None:
         self._base = base_fd  # owned: closed by detach()
+        self._path = path
         self._buf = buf
         self._counter = counter
+        self._log = deferred_log  # emits after the counter lock is released
         self._local = threading.local()
         self._fds: weakref.WeakSet[_Fd] = weakref.WeakSet()
         self._gen = 0
@@ -93,8 +97,11 @@ class SectionQueue:
         entry: tuple[int, _Fd] | None = getattr(self._local, "entry", None)
         if entry is not None and entry[0] == self._gen and entry[1].fd >= 0:
             return entry[1]
-        fdo = _Fd(backend.reopen(self._base))
-        self._fds.add(fdo)
+        with self._mutex:  # the fork hook takes it: no descriptor escapes its bookkeeping
+            if self._base < 0:
+                raise NonceError("serialized(): this handle is closed or lost its descriptors")
+            fdo = _Fd(backend.reopen(self._base, self._path))
+            self._fds.add(fdo)
         self._local.entry = (self._gen, fdo)
         return fdo
 
@@ -111,8 +118,10 @@ class SectionQueue:
             os.close(fd)
         self._orphans = set()
         old, self._base = self._base, -1
+        if old < 0:
+            return
         try:
-            self._base = backend.reopen(old)
+            self._base = backend.reopen(old, self._path)
             backend.ofd_lock(self._base, PRESENCE, backend.F_RDLCK, wait=True)
         finally:
             os.close(old)
@@ -124,13 +133,17 @@ class SectionQueue:
                 raise NonceError(
                     "close() while a thread of this process waits for or holds serialized()"
                 )
-            self._gen += 1
-            for fdo in list(self._fds):
-                fdo.close()
-            self._fds = weakref.WeakSet()
-            if self._base >= 0:
-                os.close(self._base)
-                self._base = -1
+            self.release_descriptors()
+
+    def release_descriptors(self) -> None:
+        """Close the base and thread descriptors (helpers close their own)."""
+        self._gen += 1
+        for fdo in list(self._fds):
+            fdo.close()
+        self._fds = weakref.WeakSet()
+        base, self._base = self._base, -1
+        if base >= 0:
+            os.close(base)
 
     # -- shared table ----------------------------------------------------------------
     def _slot(self, ticket: int) -> tuple[int, int]:
@@ -151,7 +164,8 @@ class SectionQueue:
         raw = QUEUE.struct.unpack_from(self._buf, QUEUE.offset)
         q = [tail, min(live, default=tail), raw[1 + Q_ENTRIES], raw[1 + Q_WAITED], raw[1 + Q_TORN] + 1]
         QUEUE.write(self._buf, q)
-        log.warning("section queue header was torn (a writer was killed mid-update); rebuilt")
+        self._log(logging.WARNING, "section queue header was torn (a writer was killed mid-update); "
+                  "rebuilt from the slots")
         return q
 
     def _finished(self, fd: int, j: int) -> bool:
@@ -288,7 +302,7 @@ class SectionQueue:
             if event is not None and not event.is_set():
                 return event
             event = self._waiters[byte] = threading.Event()
-            fd = backend.reopen(self._base)
+            fd = backend.reopen(self._base, self._path)
             self._orphans.add(fd)
         def run() -> None:
             try:
@@ -332,16 +346,16 @@ class SectionQueue:
         a reader that still sees HELD finds the byte lock held and waits on it.
         """
         entry: tuple[int, _Fd] | None = getattr(self._local, "entry", None)
-        if entry is None or entry[0] != self._gen:
-            return
+        if entry is not None and entry[0] != self._gen:
+            return  # entered by the parent before fork(): the section is the parent's
+        if entry is None or entry[1].ticket < 0:
+            raise NonceError("serialized() must be left by the thread that entered it")
         fdo = entry[1]
         t, fdo.ticket = fdo.ticket, -1
-        if t < 0:
-            return
-        with self._mutex:
-            self._active -= 1
         _PHASE.pack_into(self._buf, SLOTS_OFFSET + (t % SLOTS) * 16 + 8, DONE)
         backend.ofd_unlock(fdo.fd, t % SLOTS)
+        with self._mutex:
+            self._active -= 1
 
 
 def others_attached(fd: int) -> bool:

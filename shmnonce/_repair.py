@@ -22,6 +22,7 @@ from . import _posix as backend
 from ._ceiling import read_ceiling, write_ceiling
 from ._errors import StateError
 from ._paths import resolve_state_dir, segment_name, validate_name
+from ._queue import others_attached
 from ._segment import HEADER, MAGIC, RECORD, RECORD_OFFSET, SIZE, VERSION, mark_unlinked
 
 __all__ = ["DropResult", "destroy", "drop_segment"]
@@ -90,12 +91,26 @@ def destroy(name: str, state_dir: str | None = None) -> bool:
     return existed or found
 
 
-def drop_segment(name: str, state_dir: str | None = None) -> DropResult:
-    """Remove only the segment of ``name``, keeping (and if needed raising) the ceiling."""
+def drop_segment(name: str, state_dir: str | None = None, force: bool = False) -> DropResult:
+    """Remove only the segment of ``name``, keeping (and if needed raising) the ceiling.
+
+    Refuses while processes are attached (their handles would stop working and no new
+    segment could be created until they exit) unless ``force``.
+    """
     validate_name(name)
     sd = resolve_state_dir(state_dir)
-    lock_path, _queue_path, ceiling_path = _paths(name, sd)
+    lock_path, queue_path, ceiling_path = _paths(name, sd)
     shm = segment_name(name, sd)
+    if not force and os.path.exists(queue_path):
+        qfd = backend.open_lock_file(queue_path)
+        try:
+            if others_attached(qfd):
+                raise StateError(
+                    f"processes are attached to {name!r} (they hold {queue_path}); stop them "
+                    "first, or pass force (--force) to make their handles fail"
+                )
+        finally:
+            os.close(qfd)
     with _locked(lock_path):
         found, buf = _map_intact(shm)
         try:

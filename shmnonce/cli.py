@@ -120,7 +120,7 @@ def _unlink(args: argparse.Namespace) -> int:
 
 
 def _drop_segment(args: argparse.Namespace) -> int:
-    res = _repair.drop_segment(args.name, args.state_dir)
+    res = _repair.drop_segment(args.name, args.state_dir, force=args.force)
     if not res.segment_found:
         print(f"{args.name}: no segment; persisted ceiling {res.persisted_ceiling}")
     else:
@@ -207,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("unlink", _unlink, "destroy the segment and the persisted state (also when damaged)")
     add("drop-segment", _drop_segment,
         "remove only the shared-memory segment, as a reboot does; the persisted ceiling is "
-        "kept (raised to the segment's bound when the segment is intact)")
+        "kept (raised to the segment's bound when the segment is intact)").add_argument(
+        "--force", action="store_true",
+        help="even while processes are attached (their handles then raise StateError)")
     imp = add(
         "import-legacy", _import_legacy,
         "raise the sequence above the values in legacy nonce files (one integer each; "

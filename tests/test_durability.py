@@ -100,7 +100,7 @@ def test_torn_record_is_detected_and_recovered_from_the_ceiling(state_dir: str) 
 
 def test_torn_record_found_at_attach(state_dir: str) -> None:
     eng = ShmNonce.attach("torn2", state_dir)
-    v = eng.next()
+    v = eng.jump_forward(HOUR)  # ahead of the clock, so only a correct recovery is above it
     g = RECORD.unpack_from(eng._buf, RECORD_OFFSET)[0]
     struct.pack_into("<Q", eng._buf, RECORD_OFFSET, g + 7)
     eng.close()
@@ -200,7 +200,7 @@ def test_half_initialised_segment_is_initialised_again(state_dir: str) -> None:
     """A creator killed before writing the magic leaves zeros: safe to redo."""
     seg = _segment_path(state_dir, "hz")
     with ShmNonce.attach("hz", state_dir) as e:
-        last = e.peek()
+        last = e.jump_forward(HOUR)  # ahead of the clock: the clock alone cannot pass it
     size = os.path.getsize(seg)
     with open(seg, "r+b") as fh:
         fh.write(b"\0" * size)
@@ -277,8 +277,9 @@ def test_segment_removed_while_attached(state_dir: str) -> None:
     """
     a = ShmNonce.attach("rm", state_dir)
     va = [a.next() for _ in range(10)]
+    va.append(a.jump_forward(HOUR))  # ahead of the clock: only the state knows it
     _reboot(a)  # removed under a live process
-    with pytest.raises(StateError, match="still use it"):
+    with pytest.raises(StateError, match="this process still has a handle"):
         ShmNonce.attach("rm", state_dir)
     va += [a.next() for _ in range(10)]  # the survivor goes on, increasing
     assert va == sorted(set(va))
@@ -300,7 +301,7 @@ def test_presence_is_per_process_and_survives_fork_of_others(state_dir: str) -> 
         os._exit(0)
     os.waitpid(pid, 0)
     _reboot(a)
-    with pytest.raises(StateError, match="still use it"):
+    with pytest.raises(StateError, match="this process still has a handle"):
         ShmNonce.attach("pr", state_dir)
     a.close()
     ShmNonce.attach("pr", state_dir).unlink()

@@ -182,3 +182,111 @@ def test_logging_happens_after_the_lock_is_released(eng: ShmNonce) -> None:
         logger.removeHandler(probe)
     assert seen == [True, True]
 
+
+
+def test_fork_child_whose_reopen_fails_raises_instead_of_sharing(eng: ShmNonce) -> None:
+    """If the child cannot get its own descriptors it must not use the parent's lock."""
+    from shmnonce import StateError, _posix
+
+    eng.next()
+    real = _posix.reopen
+    _posix.reopen = lambda fd, path: (_ for _ in ()).throw(OSError(24, "EMFILE"))  # type: ignore[assignment]
+    try:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                try:
+                    eng.next()
+                    os.write(w, b"issued with the parent's descriptor")
+                except StateError:
+                    os.write(w, b"StateError")
+            finally:
+                os._exit(0)
+    finally:
+        _posix.reopen = real
+    os.close(w)
+    out = os.read(r, 100)
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert out == b"StateError"
+    assert eng.next() > 0  # the parent is unaffected
+
+
+def test_fork_during_attach_in_another_thread(state_dir: str, tmp_path: object) -> None:
+    """A child forked while another thread attaches must not keep the parent's flock."""
+    ready = os.path.join(str(tmp_path), "ready")
+    code = f"""
+import os, signal, threading, time
+import shmnonce._engine as E
+from shmnonce import ShmNonce
+real = E.read_ceiling
+def slow(path):
+    time.sleep(0.5)  # a slow disk while attaching
+    return real(path)
+E.read_ceiling = slow
+box = []
+t = threading.Thread(target=lambda: box.append(ShmNonce.attach("fa", {state_dir!r})))
+t.start()
+time.sleep(0.2)
+if os.fork() == 0:
+    time.sleep(8)
+    os._exit(0)
+t.join()
+eng = box[0]
+with eng._short_lock():  # die while holding the counter lock
+    open({ready!r}, "w").close()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60)
+    assert proc.returncode == -9
+    assert os.path.exists(ready)
+    t0 = time.monotonic()
+    with ShmNonce.attach("fa", state_dir) as eng:
+        eng.next()
+        took = time.monotonic() - t0
+        eng.unlink()
+    assert took < 1.0, f"attach+next() waited {took:.1f} s for a lock a forked child kept"
+
+
+def test_concurrent_unlink_between_open_and_lock_is_retried(
+    state_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segment must not be bound to a lock file that was removed while attaching."""
+    from shmnonce import _engine
+
+    ShmNonce.attach("ul", state_dir).unlink()  # make the state dir
+    real = _engine.ShmNonce._open_lock
+    calls = []
+
+    def racing(path: str) -> int:
+        fd = real(path)
+        if path.endswith(".queue") and not calls:
+            calls.append(path)
+            os.unlink(path[: -len(".queue")] + ".lock")  # 'shmnonce unlink' got in between
+        return fd
+
+    monkeypatch.setattr(_engine.ShmNonce, "_open_lock", staticmethod(racing))
+    a = ShmNonce.attach("ul", state_dir)
+    monkeypatch.setattr(_engine.ShmNonce, "_open_lock", staticmethod(real))
+    a.next()
+    with ShmNonce.attach("ul", state_dir) as b:  # not refused: same files as a
+        assert b.next() > 0
+    assert calls
+    a.unlink()
+
+
+def test_handles_dropped_without_close_release_descriptors(state_dir: str) -> None:
+    import gc
+
+    ShmNonce.attach("dr", state_dir).next()
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(100):
+        ShmNonce.attach("dr", state_dir).next()
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
+    with ShmNonce.attach("dr", state_dir) as e:
+        seg = e.segment_name
+    os.unlink(f"/dev/shm/{seg}")  # nobody is attached any more: a new segment may start
+    ShmNonce.attach("dr", state_dir).unlink()

@@ -62,6 +62,7 @@ def test_unlink_works_when_attach_refuses(state_dir: str) -> None:
 
 def test_corrupt_ceiling_with_live_segment_is_rewritten_by_drop_segment(state_dir: str) -> None:
     live, vals = _issue(state_dir, "cc")
+    vals.append(live.jump_forward(3600 * 10**9))  # ahead of the clock: only the segment knows
     path = os.path.join(live.state_dir, "cc.ceiling")
     live.close()
     with open(path, "wb") as fh:
@@ -93,6 +94,9 @@ def test_corrupt_ceiling_without_segment_unlink_then_jump(state_dir: str) -> Non
 
 def test_foreign_segment_dropped_keeps_the_ceiling(state_dir: str) -> None:
     live, vals = _issue(state_dir, "fs")
+    vals.append(live.jump_forward(3600 * 10**9))  # ahead of the clock: only the ceiling knows
+    path = os.path.join(live.state_dir, "fs.ceiling")
+    before = read_ceiling(path)
     live.close()
     with open(f"/dev/shm/{live.segment_name}", "r+b") as fh:
         fh.write(b"NOTMINE!")
@@ -100,6 +104,7 @@ def test_foreign_segment_dropped_keeps_the_ceiling(state_dir: str) -> None:
         ShmNonce.attach("fs", state_dir)
     r = cli("drop-segment", "fs", "--state-dir", state_dir)
     assert r.returncode == 0, r.stderr
+    assert read_ceiling(path) == before
     with ShmNonce.attach("fs", state_dir) as eng:
         assert eng.next() > max(vals)
         eng.unlink()
@@ -132,4 +137,21 @@ def test_ceiling_restored_from_an_old_backup_is_raised_at_attach(state_dir: str)
     os.unlink(f"/dev/shm/{live.segment_name}")  # reboot: the file alone must suffice
     with ShmNonce.attach("bk", state_dir) as eng:
         assert eng.next() > far
+        eng.unlink()
+
+
+def test_drop_segment_refuses_while_processes_are_attached(state_dir: str) -> None:
+    live, vals = _issue(state_dir, "at")
+    r = cli("drop-segment", "at", "--state-dir", state_dir)
+    assert r.returncode == 1 and "attached" in r.stderr
+    assert live.next() > max(vals)  # untouched
+    r = cli("drop-segment", "at", "--force", "--state-dir", state_dir)
+    assert r.returncode == 0, r.stderr
+    with pytest.raises(StateError, match="unlinked"):
+        live.next()
+    with pytest.raises(StateError, match="this process still has a handle"):
+        ShmNonce.attach("at", state_dir)
+    live.close()
+    with ShmNonce.attach("at", state_dir) as eng:
+        assert eng.next() > max(vals)
         eng.unlink()

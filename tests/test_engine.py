@@ -15,6 +15,8 @@ import pytest
 from shmnonce import LockTimeout, NonceError, ShmNonce, StateError
 from shmnonce._paths import api_key_name
 
+from ._workers import held_by_thread
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -236,31 +238,19 @@ def test_serialized_is_not_reentrant(eng: ShmNonce) -> None:
 
 
 def test_serialized_excludes_threads_and_times_out(eng: ShmNonce) -> None:
-    entered = threading.Event()
-    release = threading.Event()
-
-    def holder() -> None:
-        with eng.serialized():
-            entered.set()
-            release.wait(10)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    assert entered.wait(5)
-    start = time.monotonic()
-    with pytest.raises(LockTimeout) as info, eng.serialized(timeout=0.3):
-        pass
-    took = time.monotonic() - start
-    assert isinstance(info.value, TimeoutError) and isinstance(info.value, NonceError)
-    assert 0.25 <= took < 2.0
-    with pytest.raises(LockTimeout), eng.serialized(timeout=0):
-        pass
-    # next() is not blocked by the section held elsewhere
-    t0 = time.monotonic()
-    eng.next()
-    assert time.monotonic() - t0 < 0.5
-    release.set()
-    t.join()
+    with held_by_thread(eng):
+        start = time.monotonic()
+        with pytest.raises(LockTimeout) as info, eng.serialized(timeout=0.3):
+            pass
+        took = time.monotonic() - start
+        assert isinstance(info.value, TimeoutError) and isinstance(info.value, NonceError)
+        assert 0.25 <= took < 2.0
+        with pytest.raises(LockTimeout), eng.serialized(timeout=0):
+            pass
+        # next() is not blocked by the section held elsewhere
+        t0 = time.monotonic()
+        eng.next()
+        assert time.monotonic() - t0 < 0.5
     with eng.serialized(timeout=1) as n:
         assert n > 0
 

@@ -20,7 +20,7 @@ Endpoints (all return JSON):
 Environment: ``SHMNONCE_EXAMPLE_NAME`` (sequence name, default
 ``gunicorn-example``), ``SHMNONCE_STATE_DIR`` (read by shmnonce itself),
 ``SHMNONCE_EXAMPLE_CALL_MS`` (default 2), ``SHMNONCE_EXAMPLE_OBSERVER_DIR``
-(optional; see ``_Observer``).
+(optional; see ``_observer.Observer``).
 
 The engine is attached at import time. With ``preload_app = True`` that happens
 once in the gunicorn master and every worker inherits it across ``fork()``;
@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
+
+from _observer import Observer  # examples/ is on sys.path (gunicorn --chdir examples)
 
 from shmnonce import LockTimeout, ShmNonce
 
@@ -50,61 +51,8 @@ ENGINE = ShmNonce.attach(NAME)
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 
-class _Observer:
-    """Independent check of mutual exclusion, kept outside shmnonce.
-
-    On entry a holder creates ``held`` exclusively (``link(2)`` of a file that
-    already contains ``"pid nonce tag"``: it fails with EEXIST like ``O_EXCL``,
-    and the content is complete the moment the name exists); on exit it removes
-    it. Finding ``held`` present on entry means either two holders overlap or
-    the previous holder died inside the section; the finder records
-    ``collision-<pid>-<nonce>`` naming that holder's pid, takes the marker over
-    and reports the pid, so whoever killed a process can tell the two apart.
-    A holder that finds someone else's marker on exit writes ``overlap-...``.
-    """
-
-    def __init__(self, directory: str) -> None:
-        self.dir = directory
-        self.marker = os.path.join(directory, "held")
-
-    def enter(self, nonce: int, tag: str) -> int | None:
-        """Take the marker; return the pid named by a marker that was already there."""
-        me = f"{os.getpid()} {nonce} {tag}"
-        tmp = os.path.join(self.dir, f"tmp-{os.getpid()}-{threading.get_ident()}")
-        with open(tmp, "w") as f:
-            f.write(me)
-        try:
-            os.link(tmp, self.marker)
-            return None
-        except FileExistsError:
-            holder = self._read()
-            os.replace(tmp, self.marker)
-            with open(os.path.join(self.dir, f"collision-{os.getpid()}-{nonce}"), "w") as f:
-                f.write(holder)
-            return int(holder.split()[0]) if holder else -1
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    def exit(self, nonce: int, tag: str) -> None:
-        """Remove the marker; record an overlap if it is not ours any more."""
-        current = self._read()
-        if current != f"{os.getpid()} {nonce} {tag}":
-            with open(os.path.join(self.dir, f"overlap-{os.getpid()}-{nonce}"), "w") as f:
-                f.write(current)
-            return
-        os.unlink(self.marker)
-
-    def _read(self) -> str:
-        try:
-            with open(self.marker) as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-
 _obs_dir = os.environ.get("SHMNONCE_EXAMPLE_OBSERVER_DIR")
-OBSERVER = _Observer(_obs_dir) if _obs_dir else None
+OBSERVER = Observer(_obs_dir) if _obs_dir else None
 
 
 def _json(start_response: StartResponse, status: str, body: dict[str, Any]) -> list[bytes]:

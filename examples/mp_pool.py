@@ -45,6 +45,7 @@ from multiprocessing.pool import AsyncResult
 from typing import Any
 
 import psutil
+from _observer import Observer  # the script's own directory is on sys.path
 
 from shmnonce import ShmNonce
 
@@ -116,54 +117,6 @@ def call(
         "t_exit": t_exit,
         "collision": collision,
     }
-
-
-class Observer:
-    """Mutual-exclusion check independent of shmnonce (as in gunicorn_app.py).
-
-    ``held`` is created exclusively (``link(2)`` of a complete file, EEXIST like
-    ``O_EXCL``) on entry and removed on exit. Finding it on entry records
-    ``collision-<pid>-<nonce>`` with the previous holder's pid (an overlap, or a
-    holder that died inside); finding someone else's on exit records ``overlap-``.
-    """
-
-    def __init__(self, directory: str) -> None:
-        self.dir = directory
-        self.marker = os.path.join(directory, "held")
-
-    def enter(self, nonce: int) -> int | None:
-        """Take the marker; return the pid named by a marker that was already there."""
-        tmp = os.path.join(self.dir, f"tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()} {nonce}")
-        try:
-            os.link(tmp, self.marker)
-            return None
-        except FileExistsError:
-            holder = self._read()
-            os.replace(tmp, self.marker)
-            with open(os.path.join(self.dir, f"collision-{os.getpid()}-{nonce}"), "w") as f:
-                f.write(holder)
-            return int(holder.split()[0]) if holder else -1
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    def exit(self, nonce: int) -> None:
-        """Remove the marker; record an overlap if it is not ours any more."""
-        current = self._read()
-        if current != f"{os.getpid()} {nonce}":
-            with open(os.path.join(self.dir, f"overlap-{os.getpid()}-{nonce}"), "w") as f:
-                f.write(current)
-            return
-        os.unlink(self.marker)
-
-    def _read(self) -> str:
-        try:
-            with open(self.marker) as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
 
 
 Job = tuple[Callable[..., Any], tuple[Any, ...]]

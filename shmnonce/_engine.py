@@ -17,6 +17,7 @@ from ._ceiling import Ceiling, read_ceiling, write_ceiling
 from ._errors import NonceError, StateError
 from ._paths import api_key_name, resolve_state_dir, segment_name, validate_name
 from ._queue import SectionQueue, others_attached
+from ._repair import remove_state
 from ._segment import (
     FLAG_UNLINKED,
     Q_ENTRIES,
@@ -26,7 +27,6 @@ from ._segment import (
     RECORD_OFFSET,
     SIZE,
     U64_MAX,
-    mark_unlinked,
     open_segment,
 )
 
@@ -138,12 +138,11 @@ class ShmNonce:
         """
         self._fd = self._open_lock(self._lock_path)
         qfd = -1
+        attached = False
         try:
             qfd = self._open_lock(self._queue_path)
             with self._short_lock():
                 if not (_is_at(self._fd, self._lock_path) and _is_at(qfd, self._queue_path)):
-                    os.close(qfd)
-                    qfd = -1
                     return False
                 # Read the ceiling first: never create a segment over unreadable state.
                 ceiling = read_ceiling(self._ceiling_path)
@@ -163,29 +162,26 @@ class ShmNonce:
                         self._queue.detach()
                     self._buf.close()
                     raise
+            attached = True
             return True
-        except BaseException:
-            if qfd >= 0:
-                os.close(qfd)
-            os.close(self._fd)
-            self._fd = -1
-            raise
         finally:
-            if self._fd >= 0 and not hasattr(self, "_queue"):
-                os.close(self._fd)  # the retry path
+            if not attached:
+                if qfd >= 0:
+                    os.close(qfd)
+                os.close(self._fd)
                 self._fd = -1
 
     def _refuse_if_others_attached(self, qfd: int) -> None:
         """Before creating a segment: nobody may still use a removed one."""
         if not others_attached(qfd):
             return
-        from ._procinfo import scan_attached  # psutil scan: only on this error path
-
         if any(e.segment_name == self.segment_name and not e._closed for e in _engines):
             raise StateError(
                 f"segment /dev/shm/{self.segment_name} of sequence {self.name!r} is gone while "
                 "this process still has a handle of it open: close() that handle first"
             )
+        from ._procinfo import scan_attached  # psutil scan: only on this error path
+
         scan = scan_attached(self.segment_name, self._lock_path, self._queue_path,
                              exclude_pid=os.getpid())
         pids = [p.pid for p in scan.processes]
@@ -511,13 +507,8 @@ class ShmNonce:
         """
         with self._short_lock():
             self._queue.detach()  # refuses while a thread of ours is in a section
-            mark_unlinked(self._buf)
-            with contextlib.suppress(FileNotFoundError):
-                backend.shm_unlink(self.segment_name)
-            for path in (self._ceiling_path, self._ceiling_path + ".tmp", self._queue_path,
-                         self._lock_path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            remove_state(self._buf, self.segment_name, self._lock_path, self._queue_path,
+                         self._ceiling_path)
         self.close()
 
     def __enter__(self) -> ShmNonce:

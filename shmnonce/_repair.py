@@ -25,7 +25,7 @@ from ._paths import resolve_state_dir, segment_name, validate_name
 from ._queue import others_attached
 from ._segment import HEADER, MAGIC, RECORD, RECORD_OFFSET, SIZE, VERSION, mark_unlinked
 
-__all__ = ["DropResult", "destroy", "drop_segment"]
+__all__ = ["DropResult", "destroy", "drop_segment", "remove_state"]
 
 log = logging.getLogger("shmnonce")
 
@@ -79,16 +79,26 @@ def destroy(name: str, state_dir: str | None = None) -> bool:
     existed = os.path.exists(lock_path) or os.path.exists(ceiling_path)
     with _locked(lock_path):
         found, buf = _map_intact(shm)
+        remove_state(buf, shm, lock_path, queue_path, ceiling_path)
         if buf is not None:
-            mark_unlinked(buf)
             buf.close()
-        if found:
-            with contextlib.suppress(FileNotFoundError):
-                backend.shm_unlink(shm)
-        for path in (ceiling_path, ceiling_path + ".tmp", queue_path, lock_path):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
     return existed or found
+
+
+def remove_state(
+    buf: mmap.mmap | None, shm: str, lock_path: str, queue_path: str, ceiling_path: str
+) -> None:
+    """Mark an intact segment unlinked, remove its name and the state files (lock held).
+
+    Processes still attached then raise StateError at their next call.
+    """
+    if buf is not None:
+        mark_unlinked(buf)
+    with contextlib.suppress(FileNotFoundError):
+        backend.shm_unlink(shm)
+    for path in (ceiling_path, ceiling_path + ".tmp", queue_path, lock_path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def drop_segment(name: str, state_dir: str | None = None, force: bool = False) -> DropResult:

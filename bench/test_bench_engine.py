@@ -96,8 +96,9 @@ def test_baseline_raw_flock_shm(benchmark: Any, tmp_path: Any) -> None:
     _measure(benchmark, "raw_flock", raw.next)
 
 
-def test_baseline_filelock_per_call(benchmark: Any, tmp_path: Any) -> None:
-    lock = filelock.FileLock(str(tmp_path / "fl.lock"))
+def _filelock_counter(path: str) -> Callable[[], int]:
+    """A counter update under filelock.FileLock, acquired per call."""
+    lock = filelock.FileLock(path)
     buf = mmap.mmap(-1, 4096)
 
     def call() -> int:
@@ -106,7 +107,11 @@ def test_baseline_filelock_per_call(benchmark: Any, tmp_path: Any) -> None:
             v = max(last + 1, time.time_ns())
             struct.pack_into("<Q", buf, 0, v)
             return v
-    _measure(benchmark, "filelock", call)
+    return call
+
+
+def test_baseline_filelock_per_call(benchmark: Any, tmp_path: Any) -> None:
+    _measure(benchmark, "filelock", _filelock_counter(str(tmp_path / "fl.lock")))
 
 
 def test_baseline_process_local_rlock(benchmark: Any) -> None:
@@ -205,16 +210,7 @@ def _interleaved_single(tmp: str) -> dict[str, float]:
     """Best ops/s of next(), the raw-flock limit and FileLock per call, measured in
     alternating rounds so that all three see the same machine load."""
     raw = RawFlock(os.path.join(tmp, "inter.lock"), mmap.mmap(-1, 4096))
-    flock_buf = mmap.mmap(-1, 4096)
-    fl = filelock.FileLock(os.path.join(tmp, "inter-fl.lock"))
-
-    def filelock_call() -> int:
-        with fl:
-            (last,) = struct.unpack_from("<Q", flock_buf, 0)
-            v = max(last + 1, time.time_ns())
-            struct.pack_into("<Q", flock_buf, 0, v)
-            return v
-
+    filelock_call = _filelock_counter(os.path.join(tmp, "inter-fl.lock"))
     best = {"next": 0.0, "raw": 0.0, "filelock": 0.0}
     with ShmNonce.attach("inter", tmp) as eng:
         fns: tuple[tuple[str, Callable[[], object], int], ...] = (

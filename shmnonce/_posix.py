@@ -24,7 +24,10 @@ import errno
 import fcntl
 import mmap
 import os
+import stat
 import struct
+
+from ._errors import StateError
 
 __all__ = [
     "flock_ex",
@@ -38,6 +41,7 @@ __all__ = [
     "shm_map",
     "shm_open",
     "shm_unlink",
+    "verify_owned",
 ]
 
 # struct flock on Linux (x86_64, aarch64): short l_type, short l_whence, off_t l_start,
@@ -139,3 +143,24 @@ def shm_map(fd: int, size: int) -> mmap.mmap:
 def shm_unlink(name: str) -> None:
     """Remove a segment's name; processes that mapped it keep their mapping."""
     _posixshmem.shm_unlink("/" + name)
+
+
+def verify_owned(fd: int, what: str, fix: str) -> os.stat_result:
+    """``fstat`` an open descriptor and refuse what this user must not trust.
+
+    Accepts only a regular file owned by the effective user with no group or other
+    access bits; anything else raises StateError naming ``what``, the owner, the
+    mode and ``fix``. Checked on the descriptor, never by path, so a file swapped
+    in after the check cannot slip through.
+    """
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_uid != os.geteuid():
+        problem = f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})"
+    elif st.st_mode & 0o077:
+        problem = f"has mode {stat.S_IMODE(st.st_mode):04o}: group or others may access it"
+    if problem is not None:
+        raise StateError(f"{what} {problem}; {fix}")
+    return st

@@ -12,8 +12,10 @@ Checks, each reported as ``ok``, ``warn`` or ``error``:
 ``ceiling``
     The persisted ceiling is intact (magic, version, checksum) and not below the
     live segment's last value or lease; a live segment without ceiling is an error
-    (attach refuses it). The segment itself is checked: size, magic, version, the
-    lock file it was created with, a torn record (warning: the next user repairs it).
+    (attach refuses it). The segment itself is checked: size, magic, version, header
+    checksum, the lock file it was created with, and the record against its mirror
+    (a record that differs from it is a warning when the ceiling is intact, since the next user
+    resumes above the ceiling, and an error otherwise).
 ``clock``
     The wall clock against the last value: a clock more than 1 ms behind it is a
     warning (values then run ahead of the clock, at last + 1, until it catches up),
@@ -22,7 +24,9 @@ Checks, each reported as ``ok``, ``warn`` or ``error``:
 ``orphan_segment``
     Segments ``/dev/shm/shmnonce_*`` whose state is gone: the recorded state
     directory or its lock file no longer exists (warning, with the processes that
-    still map it), or the lock file was replaced (error: attach refuses it).
+    still map it), or the lock file was replaced (error: attach refuses it). A
+    ``shmnonce_*.new`` left by a creator that was killed is a warning (the next
+    creation of that sequence removes it).
     Segments of other users that cannot be read are listed as skipped.
 """
 
@@ -47,9 +51,13 @@ from ._segment import (
     RECORD,
     RECORD_OFFSET,
     SIZE,
+    TMP_SUFFIX,
     VERSION,
     Header,
+    Record,
+    header_check,
     read_name,
+    read_record,
     read_state_dir,
 )
 
@@ -57,7 +65,6 @@ __all__ = ["DoctorReport", "Finding", "run_doctor"]
 
 OK, WARN, ERROR = "ok", "warn", "error"
 _SEQ_SUFFIXES = (".lock", ".queue", ".ceiling")
-_HEAD = RECORD_OFFSET + RECORD.size
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,8 @@ class _Snapshot:
     header: Header
     name: str
     state_dir: str | None
-    record: tuple[int, int, int, int, int, int, int]
+    record: Record | None  # None: differs from its mirror
+    raw_last: int  # the record's last value as stored, checked or not
 
 
 def _read_snapshot(shm: str) -> _Snapshot | str | None:
@@ -133,10 +141,24 @@ def _read_snapshot(shm: str) -> _Snapshot | str | None:
                 return "has no shmnonce magic number (half-initialised or foreign)"
             if header.version != VERSION:
                 return f"has format version {header.version}, this shmnonce uses {VERSION}"
-            record: tuple[int, int, int, int, int, int, int] = RECORD.unpack_from(buf, RECORD_OFFSET)
-            return _Snapshot(header, read_name(buf), read_state_dir(buf), record)
+            if header.check != header_check(buf):
+                return "fails its header checksum (corrupted)"
+            record = _stable_record(buf)
+            raw_last = Record(*RECORD.unpack_from(buf, RECORD_OFFSET)).last
+            return _Snapshot(header, read_name(buf), read_state_dir(buf), record, raw_last)
     finally:
         os.close(fd)
+
+
+def _stable_record(buf: mmap.mmap) -> Record | None:
+    """The record, read without the lock: a writer may be between the record and its
+    check, so a failing read is retried for a few milliseconds before it counts."""
+    for _ in range(20):
+        rec = read_record(buf)
+        if rec is not None:
+            return rec
+        time.sleep(0.001)
+    return None
 
 
 def _mode(st: os.stat_result) -> str:
@@ -251,7 +273,9 @@ def _check_live(
     rep: DoctorReport, name: str, snap: _Snapshot, ceiling: Ceiling | None, ceiling_bad: bool,
     lock_path: str, shm: str, now: int,
 ) -> None:
-    g, last, limit, total, _prev, reg, g2 = snap.record
+    rec = snap.record
+    last, limit, total, reg = (snap.raw_last, 0, 0, 0) if rec is None else (
+        rec.last, rec.limit, rec.total, rec.regressions)
     details: dict[str, object] = {"segment": shm, "last_nonce": last, "segment_limit": limit}
     try:
         lst = os.stat(lock_path)
@@ -265,36 +289,43 @@ def _check_live(
                 f"file than {lock_path} (the state was removed or replaced); attach refuses it: stop "
                 f"its users and run 'shmnonce drop-segment {name} --state-dir {rep.state_dir}'",
                 name, **details)
-    if g != g2:
-        rep.add("ceiling", WARN, f"segment of {name!r} holds a torn record (a writer was killed "
-                "mid-update); the next user resumes above the persisted ceiling", name, **details)
+    if rec is None:
+        if ceiling is None or ceiling_bad:
+            rep.add("ceiling", ERROR, f"segment /dev/shm/{shm} of {name!r} holds a record that differs "
+                    "from its mirror copy (torn or corrupted) and the persisted ceiling is not intact: the "
+                    f"last value cannot be recovered; run 'shmnonce unlink {name}', then 'shmnonce "
+                    f"jump {name} NS' past every value the exchange has seen", name, **details)
+        else:
+            rep.add("ceiling", WARN, f"segment /dev/shm/{shm} of {name!r} holds a record that differs "
+                    "from its mirror copy (a writer was killed mid-update, or memory was corrupted); the "
+                    "next user resumes above the persisted ceiling", name, **details)
     if ceiling_bad:
         return
     if ceiling is None:
-        if limit > 0:
+        if rec is not None and limit > 0:
             rep.add("ceiling", ERROR, f"persisted ceiling of {name!r} is missing while its segment is "
                     f"live (last value {last}); attach refuses it: restore the file or stop the users "
                     f"and run 'shmnonce drop-segment {name}' (rewrites it from the segment)", name, **details)
         return
     details["persisted_ceiling"] = ceiling.limit + 1
-    if g == g2 and ceiling.limit < last:
+    if rec is not None and ceiling.limit < last:
         rep.add("ceiling", ERROR, f"persisted ceiling of {name!r} ({ceiling.limit}) is below the last "
                 f"value {last}: after a reboot values could repeat; the next attach rewrites it from the "
                 f"segment (or run 'shmnonce drop-segment {name}')", name, **details)
-    elif ceiling.segment_id not in (0, snap.header.segment_id) and ceiling.limit > limit:
+    elif rec is not None and ceiling.segment_id not in (0, snap.header.segment_id) and ceiling.limit > limit:
         rep.add("ceiling", ERROR, f"persisted ceiling of {name!r} was last written through another "
                 f"segment than /dev/shm/{shm} (the sequence was unlinked and re-created while "
                 "processes still used the old one); its users get StateError at the next lease: "
                 "restart them", name, **details)
-    elif g == g2 and ceiling.limit < limit:
+    elif rec is not None and ceiling.limit < limit:
         rep.add("ceiling", WARN, f"persisted ceiling of {name!r} ({ceiling.limit}) is below the "
                 f"segment's lease {limit} (restored from a backup?); the next attach rewrites it "
                 "from the segment",
                 name, **details)
-    elif lock_ok and not snap.header.flags & FLAG_UNLINKED:
+    elif rec is not None and lock_ok and not snap.header.flags & FLAG_UNLINKED:
         rep.add("ceiling", OK, f"persisted ceiling of {name!r} is intact and above the last value "
                 f"({ceiling.limit - last} ns of lease left)", name, **details)
-    if g != g2:
+    if rec is None:
         return
     behind = last - now
     cdetails = {"last_nonce": last, "clock_ns": now, "behind_ns": max(0, behind),
@@ -319,6 +350,12 @@ def _check_orphans(rep: DoctorReport) -> None:
     skipped: list[str] = []
     orphans = 0
     for shm in entries:
+        if shm.endswith(TMP_SUFFIX):
+            rep.add("orphan_segment", WARN, f"/dev/shm/{shm} was left by a process killed while "
+                    "creating a segment (or one is being created right now); the next creation of "
+                    f"that sequence removes it, or: rm /dev/shm/{shm}", segment=shm)
+            orphans += 1
+            continue
         try:
             snap = _read_snapshot(shm)
         except PermissionError:
@@ -356,7 +393,7 @@ def _check_orphans(rep: DoctorReport) -> None:
                     else f"no process maps it: rm /dev/shm/{shm}")
             rep.add("orphan_segment", WARN, f"/dev/shm/{shm} belongs to sequence {name!r} in {sd}, but "
                     f"{what}; {hint}", name, segment=shm, state_dir=sd, attached_pids=pids,
-                    last_nonce=snap.record[1])
+                    last_nonce=snap.raw_last)
         else:
             rep.add("orphan_segment", ERROR, f"/dev/shm/{shm} of sequence {name!r} in {sd} was created "
                     f"with a lock file that was since replaced; attach refuses it: stop pid(s) {pids} "

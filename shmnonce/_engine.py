@@ -20,6 +20,7 @@ from ._queue import SectionQueue, others_attached
 from ._repair import remove_state
 from ._segment import (
     FLAG_UNLINKED,
+    MIRRORED,
     Q_ENTRIES,
     Q_TORN,
     Q_WAITED,
@@ -27,7 +28,11 @@ from ._segment import (
     RECORD_OFFSET,
     SIZE,
     U64_MAX,
+    Record,
     open_segment,
+    read_record,
+    record_views,
+    write_record,
 )
 
 __all__ = ["LEASE_NS", "ShmNonce"]
@@ -38,9 +43,11 @@ LEASE_NS = 10_000_000_000
 """How far ahead of the value being issued the persisted ceiling is moved (10 s)."""
 REGRESSION_NS = 1_000_000
 """A clock reading this far behind the previous one counts as a regression (1 ms)."""
-_GEN_MASK = U64_MAX
 
 _LOCK_EX = 2  # fcntl.LOCK_EX
+# The hot path's struct calls, bound once (see ShmNonce._issue).
+_unpack_record = RECORD.unpack_from
+_pack_mirrored = MIRRORED.pack_into
 _engines: weakref.WeakSet[ShmNonce] = weakref.WeakSet()
 _registry = threading.Lock()  # guards _engines; held from before fork() to after it
 _forking: list[ShmNonce] = []
@@ -114,6 +121,8 @@ class ShmNonce:
         self._tlock = threading.Lock()
         self._closed = False
         self._views: dict[tuple[int, int], memoryview] = {}
+        # The record and its mirror as u64 arrays (set at attach; compared by _issue).
+        self._rec = self._mirror = memoryview(b"")
         self._deferred: list[tuple[Any, ...]] = []
         self._counter = _CounterLock(self)
         # Under the registry lock: a fork() now would copy descriptors no hook knows about.
@@ -148,7 +157,8 @@ class ShmNonce:
                 ceiling = read_ceiling(self._ceiling_path)
                 self._seg = open_segment(
                     self.segment_name, self.name, self.state_dir, os.fstat(self._fd),
-                    os.fstat(qfd), lambda: self._refuse_if_others_attached(qfd),
+                    os.fstat(qfd), 0 if ceiling is None else ceiling.limit,
+                    lambda why: self._refuse_if_others_attached(qfd, why),
                 )
                 self._buf = self._seg.buf
                 try:
@@ -156,10 +166,13 @@ class ShmNonce:
                         qfd, self._queue_path, self._buf, self._short_lock, self._log
                     )
                     qfd = -1  # owned by the queue now
+                    self._rec, self._mirror = record_views(self._buf)
                     self._check_ceiling(ceiling)
                 except BaseException:
                     if qfd < 0:
                         self._queue.detach()
+                    self._rec.release()
+                    self._mirror.release()
                     self._buf.close()
                     raise
             attached = True
@@ -171,13 +184,16 @@ class ShmNonce:
                 os.close(self._fd)
                 self._fd = -1
 
-    def _refuse_if_others_attached(self, qfd: int) -> None:
-        """Before creating a segment: nobody may still use a removed one."""
+    def _refuse_if_others_attached(self, qfd: int, why: str) -> None:
+        """Before creating or replacing a segment: nobody may still use the old one.
+
+        ``why`` says what happened to the old one ("is gone", "is marked unlinked ...").
+        """
         if not others_attached(qfd):
             return
         if any(e.segment_name == self.segment_name and not e._closed for e in _engines):
             raise StateError(
-                f"segment /dev/shm/{self.segment_name} of sequence {self.name!r} is gone while "
+                f"segment /dev/shm/{self.segment_name} of sequence {self.name!r} {why} while "
                 "this process still has a handle of it open: close() that handle first"
             )
         from ._procinfo import scan_attached  # psutil scan: only on this error path
@@ -188,9 +204,10 @@ class ShmNonce:
         who = (f"pid(s) {pids}" if pids else
                f"processes this user cannot inspect (try: fuser -v {self._queue_path})")
         raise StateError(
-            f"segment /dev/shm/{self.segment_name} of sequence {self.name!r} is gone while "
-            f"{who} still use it (it was removed, e.g. by systemd-logind RemoveIPC or by "
-            "hand); a new segment would diverge from theirs. Stop them, then attach again"
+            f"segment /dev/shm/{self.segment_name} of sequence {self.name!r} {why} while "
+            f"{who} still use it (removed by systemd-logind RemoveIPC or by hand, or an "
+            "interrupted drop-segment or unlink); a new segment would diverge from theirs. "
+            "Stop them, then attach again"
         )
 
     # -- construction ----------------------------------------------------------------
@@ -225,15 +242,21 @@ class ShmNonce:
 
     def _check_ceiling(self, ceiling: Ceiling | None) -> None:
         """Reconcile the persisted ceiling with the segment (counter lock held)."""
-        g, _last, limit, _total, _prev, _reg, g2 = RECORD.unpack_from(self._buf, RECORD_OFFSET)
+        if ceiling is not None and ceiling.version == 1:
+            # Written before ceilings named their sequence: adopt it as ours, once.
+            write_ceiling(self._ceiling_path, ceiling.limit, ceiling.segment_id)
+            self._log(
+                logging.INFO, "sequence %r: persisted ceiling upgraded to format version 2",
+                self.name,
+            )
         if self._seg.created:
-            base = 0 if ceiling is None else ceiling.limit
-            RECORD.pack_into(self._buf, RECORD_OFFSET, 1, base, base, 0, 0, 0, 1)
             self._log(
                 logging.INFO, "created segment %s for sequence %r (resuming above %d)",
-                self.segment_name, self.name, base,
+                self.segment_name, self.name, 0 if ceiling is None else ceiling.limit,
             )
             return
+        rec = read_record(self._buf)
+        limit = 1 if rec is None else rec.limit  # a failing record may hide a live lease
         if ceiling is None and limit > 0:
             raise StateError(
                 f"persisted ceiling {self._ceiling_path!r} is missing while segment "
@@ -241,7 +264,7 @@ class ShmNonce:
                 f"stop every user of {self.name!r} and run 'shmnonce drop-segment {self.name} "
                 f"--state-dir {self.state_dir}' (it rewrites the file from the segment)"
             )
-        if g != g2:
+        if rec is None:
             self._recover_torn()
         elif ceiling is not None and ceiling.limit < limit:
             # The file went back (restored from a backup?): the live segment knows better.
@@ -272,16 +295,22 @@ class ShmNonce:
         return v
 
     def _issue(self) -> int:
-        """Issue one value (counter lock held): one unpack, one pack in the common case."""
+        """Issue one value (counter lock held).
+
+        The common case: one unpack, the record compared with its mirror, one pack of
+        both. A record that differs from its mirror (torn write, flipped bit), a lease
+        end or a clock step takes the slow path.
+        """
         buf = self._buf
-        g, last, limit, total, prev, reg, g2 = RECORD.unpack_from(buf, RECORD_OFFSET)
+        last, limit, total, prev, reg = _unpack_record(buf, RECORD_OFFSET)
         now = self._clock()
         v: int = last + 1
         if now > v:
             v = now
-        if g != g2 or v > limit or now < prev - REGRESSION_NS:
+        if self._rec != self._mirror or v > limit or now < prev - REGRESSION_NS:
             return self._issue_slow()
-        RECORD.pack_into(buf, RECORD_OFFSET, g + 1, v, limit, total + 1, now, reg, g + 1)
+        total += 1
+        _pack_mirrored(buf, RECORD_OFFSET, v, limit, total, now, reg, v, limit, total, now, reg)
         return v
 
     def _unusable(self, exc: BaseException) -> BaseException:
@@ -305,7 +334,7 @@ class ShmNonce:
         Counts clock regressions, refuses to pass 2**64-1, and persists a new ceiling
         before the value is visible whenever it would reach the current one.
         """
-        g, last, limit, total, prev, reg, _g2 = self._record()
+        last, limit, total, prev, reg = self._record()
         now = self._clock()
         if now < prev - REGRESSION_NS:
             reg += 1
@@ -314,50 +343,67 @@ class ShmNonce:
                 "previous reading; values continue from the last one", self.name, prev - now,
             )
         new = target(last, now)
+        if new > limit:
+            self._check_linked()
+            persisted = self._persisted_limit()
+            if persisted > limit:
+                # The record's lease is below the durable bound: a writer died between
+                # persisting and updating the record, or the record was lost. Values up
+                # to the bound may have been issued, so resume above it.
+                last = max(last, persisted)
+                new = target(last, now)
         if new > U64_MAX:
             if issuing:
                 raise NonceError(f"sequence {self.name!r} reached 2**64-1; nonces cannot go higher")
             raise ValueError(f"the new last value would pass 2**64-1 (last value {last})")
         if new > limit:
-            limit = self._extend(new, limit)
-        g = (g + 1) & _GEN_MASK
-        RECORD.pack_into(self._buf, RECORD_OFFSET, g, new, limit, total + (1 if issuing else 0), now, reg, g)
+            limit = self._extend(new)
+        write_record(self._buf, new, limit, min(U64_MAX, total + (1 if issuing else 0)), now, reg)
         return new
 
-    def _record(self) -> tuple[int, int, int, int, int, int, int]:
-        """Read the record, repairing it first if torn or refusing if unlinked (lock held)."""
-        rec: tuple[int, int, int, int, int, int, int] = RECORD.unpack_from(self._buf, RECORD_OFFSET)
+    def _record(self) -> Record:
+        """Read the record, repairing it first if it fails its check; refuse if unlinked.
+
+        Counter lock held.
+        """
         if self._seg.read_header().flags & FLAG_UNLINKED:
             raise StateError(
                 f"sequence {self.name!r} was unlinked; close this handle and attach again"
             )
-        if rec[0] != rec[6]:
-            self._recover_torn()
-            rec = RECORD.unpack_from(self._buf, RECORD_OFFSET)
+        rec = read_record(self._buf)
+        if rec is None:
+            rec = self._recover_torn()
         return rec
 
-    def _recover_torn(self) -> None:
-        """A writer died mid-update: restart above the persisted ceiling (lock held)."""
+    def _recover_torn(self) -> Record:
+        """The record differs from its mirror: restart above the persisted ceiling (lock held).
+
+        A writer killed between writing the record and its check, or a flipped bit. The
+        counters are kept as found (they may be off after a corruption); the previous
+        clock reading is dropped, since a corrupted one could count every call as a
+        clock regression.
+        """
         ceiling = read_ceiling(self._ceiling_path)
         if ceiling is None:
             raise StateError(
-                f"segment {self.segment_name} of sequence {self.name!r} holds a torn record "
-                f"and the persisted ceiling {self._ceiling_path!r} is missing; the last value "
-                f"cannot be recovered. Run 'shmnonce unlink {self.name}', then "
-                f"'shmnonce jump {self.name} NS' past every value the exchange has seen"
+                f"segment {self.segment_name} of sequence {self.name!r} holds a record that differs "
+                f"from its mirror copy (torn or corrupted) and the persisted ceiling {self._ceiling_path!r} "
+                f"is missing; the last value cannot be recovered. Run 'shmnonce unlink {self.name}', "
+                f"then 'shmnonce jump {self.name} NS' past every value the exchange has seen"
             )
-        _g, _last, _limit, total, prev, reg, _g2 = RECORD.unpack_from(self._buf, RECORD_OFFSET)
-        g = (max(_g, _g2) + 1) & _GEN_MASK
+        _last, _limit, total, _prev, reg = RECORD.unpack_from(self._buf, RECORD_OFFSET)
         base = ceiling.limit
-        RECORD.pack_into(self._buf, RECORD_OFFSET, g, base, base, total, prev, reg, g)
+        write_record(self._buf, base, base, total, 0, reg)
         self._queue.bump(Q_TORN)
         self._log(
-            logging.WARNING, "sequence %r: torn record in segment %s (a writer was killed "
-            "mid-update); resuming above the persisted ceiling %d", self.name, self.segment_name, base,
+            logging.WARNING, "sequence %r: the record in segment %s differs from its mirror (a writer "
+            "was killed mid-update, or memory was corrupted); resuming above the persisted "
+            "ceiling %d", self.name, self.segment_name, base,
         )
+        return Record(base, base, total, 0, reg)
 
-    def _extend(self, value: int, limit: int) -> int:
-        """Persist a new ceiling above ``value`` before it is issued (lock held)."""
+    def _check_linked(self) -> None:
+        """Refuse to move the ceiling through a segment that was removed (lock held)."""
         if not self._seg.is_linked():
             # Someone removed the segment while we had it mapped; processes attaching
             # now use a new one that starts above the ceiling we were given. Moving the
@@ -367,13 +413,17 @@ class ShmNonce:
                 "replaced while this process had it attached; close this handle and attach "
                 "again"
             )
+
+    def _persisted_limit(self) -> int:
+        """The persisted ceiling's limit, 0 if there is none (lock held)."""
         ceiling = read_ceiling(self._ceiling_path)
-        seg_id = self._seg.header.segment_id
-        if ceiling is not None and ceiling.limit >= value:
-            return ceiling.limit  # a writer died after persisting, before updating the segment
+        return 0 if ceiling is None else ceiling.limit
+
+    def _extend(self, value: int) -> int:
+        """Persist a new ceiling above ``value`` before it is issued (lock held)."""
         new_limit = min(U64_MAX, value + LEASE_NS)
         try:
-            write_ceiling(self._ceiling_path, new_limit, seg_id)
+            write_ceiling(self._ceiling_path, new_limit, self._seg.header.segment_id)
         except OSError as exc:
             raise StateError(
                 f"cannot persist the ceiling of sequence {self.name!r} to "
@@ -405,7 +455,7 @@ class ShmNonce:
     def peek(self) -> int:
         """The last value issued (or the recovered bound after a restart); issues nothing."""
         with self._short_lock():
-            return self._record()[1]
+            return self._record().last
 
     @contextlib.contextmanager
     def serialized(self, timeout: float | None = None) -> Iterator[int]:
@@ -432,7 +482,7 @@ class ShmNonce:
     def stats(self) -> Mapping[str, object]:
         """Host-wide counters of the sequence (no key material)."""
         with self._short_lock():
-            _g, last, limit, total, _prev, reg, _g2 = self._record()
+            last, limit, total, _prev, reg = self._record()
             queue = self._queue.counters()
             header = self._seg.read_header()
         return {
@@ -492,6 +542,8 @@ class ShmNonce:
             for view in self._views.values():
                 view.release()
             self._views.clear()
+            self._rec.release()
+            self._mirror.release()
             fd, self._fd = self._fd, -1
             if fd >= 0:
                 os.close(fd)

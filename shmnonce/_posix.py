@@ -38,6 +38,7 @@ __all__ = [
     "open_lock_file",
     "reopen",
     "shm_create",
+    "shm_link",
     "shm_map",
     "shm_open",
     "shm_unlink",
@@ -138,6 +139,19 @@ def shm_create(name: str, size: int) -> int:
 def shm_map(fd: int, size: int) -> mmap.mmap:
     """Map ``size`` bytes of a segment shared; the caller may close ``fd`` afterwards."""
     return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+SHM_DIR = "/dev/shm"
+"""Where glibc keeps POSIX shared-memory objects (a tmpfs)."""
+
+
+def shm_link(name: str, new_name: str) -> None:
+    """Give segment ``name`` the additional name ``new_name``; FileExistsError if taken.
+
+    A hard link in the shared-memory directory: atomic, and it never replaces an
+    existing segment (unlike rename).
+    """
+    os.link(f"{SHM_DIR}/{name}", f"{SHM_DIR}/{new_name}", follow_symlinks=False)
 
 
 def shm_unlink(name: str) -> None:

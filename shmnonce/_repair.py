@@ -6,6 +6,11 @@ a reboot does: the sequence resumes above the persisted ceiling, which is first
 raised to the segment's own bound when the segment is intact. Both run under the
 sequence's counter lock, and mark an intact segment unlinked so that processes still
 attached to it raise StateError instead of issuing values.
+
+Killed at any point, they leave state the next attach handles without help: the
+ceiling file is replaced atomically and only ever raised; a segment is marked
+unlinked only after the ceiling covers it, and the next attach replaces a marked
+segment (when no process is attached to it) as if it had been removed.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from ._ceiling import read_ceiling, write_ceiling
 from ._errors import StateError
 from ._paths import resolve_state_dir, segment_name, validate_name
 from ._queue import others_attached
-from ._segment import HEADER, MAGIC, RECORD, RECORD_OFFSET, SIZE, VERSION, mark_unlinked
+from ._segment import HEADER, MAGIC, SIZE, TMP_SUFFIX, VERSION, mark_unlinked, read_record
 
 __all__ = ["DropResult", "destroy", "drop_segment", "remove_state"]
 
@@ -94,8 +99,9 @@ def remove_state(
     """
     if buf is not None:
         mark_unlinked(buf)
-    with contextlib.suppress(FileNotFoundError):
-        backend.shm_unlink(shm)
+    for seg in (shm, shm + TMP_SUFFIX):
+        with contextlib.suppress(FileNotFoundError):
+            backend.shm_unlink(seg)
     for path in (ceiling_path, ceiling_path + ".tmp", queue_path, lock_path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -131,23 +137,25 @@ def drop_segment(name: str, state_dir: str | None = None, force: bool = False) -
             ceiling = None
         limit = None if ceiling is None else ceiling.limit
         if buf is not None:
-            g, _last, seg_limit, *_rest, g2 = RECORD.unpack_from(buf, RECORD_OFFSET)
-            if g == g2 and seg_limit > 0 and (limit is None or seg_limit > limit):
-                write_ceiling(ceiling_path, seg_limit, HEADER.unpack_from(buf, 0)[4])
+            rec = read_record(buf)
+            if rec is not None and rec.limit > 0 and (limit is None or rec.limit > limit):
+                write_ceiling(ceiling_path, rec.limit, HEADER.unpack_from(buf, 0)[4])
                 log.warning("sequence %r: persisted ceiling rewritten from its segment (%d)",
-                            name, seg_limit)
-                limit = seg_limit
-            elif g != g2 and limit is None:
+                            name, rec.limit)
+                limit = rec.limit
+            elif rec is None and limit is None:
                 buf.close()
                 raise StateError(
-                    f"segment /dev/shm/{shm} of {name!r} holds a torn record and no intact "
-                    f"persisted ceiling exists in {ceiling_path!r}: the last value cannot be "
-                    f"recovered. Run 'shmnonce unlink {name}', then 'shmnonce jump {name} NS' "
-                    "past every value the exchange has seen"
+                    f"segment /dev/shm/{shm} of {name!r} holds a record that differs from its mirror "
+                    f"copy (torn or corrupted) and no intact persisted ceiling exists in "
+                    f"{ceiling_path!r}: the last value cannot be recovered. Run 'shmnonce unlink "
+                    f"{name}', then 'shmnonce jump {name} NS' past every value the exchange has seen"
                 )
+            # Only now that the ceiling covers it: a kill from here on leaves a marked
+            # segment, which the next attach replaces.
             mark_unlinked(buf)
             buf.close()
-        if found:
+        for seg in (shm, shm + TMP_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
-                backend.shm_unlink(shm)
+                backend.shm_unlink(seg)
     return DropResult(found, buf is not None, limit)

@@ -1,31 +1,49 @@
 """The shared-memory segment: layout, creation, validation.
 
-Layout (little-endian, version 1)::
+Layout (little-endian, version 2)::
 
-    0     header: magic, version, size, created_at, segment_id, lock_dev, lock_ino, flags,
-          queue_ino
-    64    sequence name (64 bytes, NUL padded)
-    128   record: gen, last, limit, total, prev_clock, regressions, gen
+    0     header: magic "SHMNONCE", version u32, size u32, created_at, segment_id,
+          lock_dev, lock_ino, queue_ino (u64 each), check u32, flags u32
+    64    record: last, limit, total, prev_clock, regressions (u64 each)
+    104   mirror: the same five fields again
+    144   (unused)
     192   queue: gen, tail, head, entries, waited, torn_recoveries, gen
     256   extension area of the Kraken rate limiter (256 bytes)
     512   extension area of the compat module (256 bytes)
-    1024  state_dir (u16 length + UTF-8 bytes), for operators' tools
+    768   (unused)
+    1024  sequence name (64 bytes, NUL padded)
+    1088  state_dir (u16 length + UTF-8 bytes), for operators' tools
     4096  section queue slots: SLOTS x (ticket, phase)
 
-The record is bracketed by a generation number written at both ends. Writers bump
-it on every update; ``struct.pack_into`` writes bytes in order, so a writer killed
-half-way leaves the two copies different, which readers detect ("torn") and repair
-from the persisted ceiling. The segment is never registered with multiprocessing's
+Integrity. The header ``check`` is the CRC-32 of bytes 0-55 and of the name; it is
+written once, at creation, and verified by every attach. ``flags`` (only
+FLAG_UNLINKED) is outside it because it is set later. The record is written together
+with its mirror by one ``pack_into``, and a reader trusts it only when the two are
+equal: a writer killed half-way, or a flipped bit in either copy, makes them differ,
+and readers then resume above the persisted ceiling instead of trusting the record.
+The mirror costs one ``memoryview`` comparison per ``next()``; a CRC-32 cost several
+times more (docs/design.md has the figures).
+
+Creation. A segment is built complete (header, name, state_dir, and a record that
+resumes above the persisted ceiling) under the temporary name ``<segment>.new`` and
+then hard-linked to its real name, which fails if the name exists. So the real name
+never refers to a half-built segment, whatever system call a creator is killed at; a
+``.new`` left behind is removed by the next creator. A segment marked unlinked (a
+``drop-segment`` or ``unlink`` killed before its ``shm_unlink``), or one left
+all-zero by an older creator, is replaced by the next attach. All of this runs under
+the sequence's counter lock. The segment is never registered with multiprocessing's
 resource tracker (CPython gh-82300), so no unrelated process's exit removes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import secrets
 import struct
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -33,21 +51,32 @@ from . import _posix as backend
 from ._errors import StateError
 
 MAGIC = b"SHMNONCE"
-VERSION = 1
+VERSION = 2
 SLOTS = 4096
 SLOTS_OFFSET = 4096
 SIZE = SLOTS_OFFSET + SLOTS * 16
+TMP_SUFFIX = ".new"
+"""Suffix of the name a segment is built under before it is linked into place."""
 
-HEADER = struct.Struct("<8sIIQQQQQQ")
-NAME_OFFSET = 64
-RECORD_OFFSET = 128
-RECORD = struct.Struct("<7Q")
+HEADER = struct.Struct("<8sIIQQQQQII")
+HEADER_CHECKED = 56
+"""The header check covers bytes 0 .. HEADER_CHECKED and the name."""
+FLAGS_OFFSET = 60
+FLAGS = struct.Struct("<I")
+RECORD_OFFSET = 64
+RECORD = struct.Struct("<5Q")
+"""last, limit, total, prev_clock, regressions."""
+MIRROR_OFFSET = RECORD_OFFSET + RECORD.size
+MIRRORED = struct.Struct("<10Q")
+"""The record followed by its mirror: what one write stores."""
 QUEUE_OFFSET = 192
 EXT_RATELIMIT_OFFSET = 256
 EXT_RATELIMIT_SIZE = 256
 EXT_COMPAT_OFFSET = 512
 EXT_COMPAT_SIZE = 256
-STATEDIR_OFFSET = 1024
+NAME_OFFSET = 1024
+NAME_SIZE = 64
+STATEDIR_OFFSET = NAME_OFFSET + NAME_SIZE
 STATEDIR_MAX = SLOTS_OFFSET - STATEDIR_OFFSET - 2
 SLOT = struct.Struct("<QQ")
 
@@ -63,8 +92,57 @@ class Header(NamedTuple):
     segment_id: int
     lock_dev: int
     lock_ino: int
-    flags: int
     queue_ino: int
+    check: int
+    flags: int
+
+
+class Record(NamedTuple):
+    last: int
+    limit: int
+    total: int
+    prev_clock: int
+    regressions: int
+
+
+def header_check(buf: Any) -> int:
+    """CRC-32 of the header's fixed fields and the name."""
+    mv = memoryview(buf)
+    try:
+        return zlib.crc32(mv[NAME_OFFSET : NAME_OFFSET + NAME_SIZE], zlib.crc32(mv[:HEADER_CHECKED]))
+    finally:
+        mv.release()
+
+
+def record_views(buf: mmap.mmap) -> tuple[memoryview, memoryview]:
+    """The record and its mirror as arrays of u64, for the hot path to compare.
+
+    Release both before closing ``buf``.
+    """
+    mv = memoryview(buf)
+    try:
+        return (
+            mv[RECORD_OFFSET:MIRROR_OFFSET].cast("Q"),
+            mv[MIRROR_OFFSET : MIRROR_OFFSET + RECORD.size].cast("Q"),
+        )
+    finally:
+        mv.release()
+
+
+def read_record(buf: Any) -> Record | None:
+    """The record, or None if it differs from its mirror (torn write, flipped bit)."""
+    vals = MIRRORED.unpack_from(buf, RECORD_OFFSET)
+    if vals[:5] != vals[5:]:
+        return None
+    return Record(*vals[:5])
+
+
+def write_record(buf: Any, last: int, limit: int, total: int, prev_clock: int, regressions: int) -> None:
+    """Write the record and its mirror (one ``pack_into``)."""
+    MIRRORED.pack_into(
+        buf, RECORD_OFFSET, last, limit, total, prev_clock, regressions,
+        last, limit, total, prev_clock, regressions,
+    )
 
 
 class Segment:
@@ -110,83 +188,122 @@ def mark_unlinked(buf: mmap.mmap) -> None:
     """Flag a segment as unlinked and zero its lease, so attached users stop issuing.
 
     With the lease at 0 every user's next call takes the slow path, which sees the flag.
+    The flag goes first: a kill between the two writes leaves a flagged segment, which
+    the next attach replaces.
     """
-    h = Header(*HEADER.unpack_from(buf, 0))
-    HEADER.pack_into(buf, 0, *h._replace(flags=h.flags | FLAG_UNLINKED))
-    g = RECORD.unpack_from(buf, RECORD_OFFSET)[0]
-    g = (g + 1) & U64_MAX
-    RECORD.pack_into(buf, RECORD_OFFSET, g, 0, 0, 0, 0, 0, g)
+    (flags,) = FLAGS.unpack_from(buf, FLAGS_OFFSET)
+    FLAGS.pack_into(buf, FLAGS_OFFSET, flags | FLAG_UNLINKED)
+    rec = read_record(buf)
+    write_record(buf, 0, 0, 0 if rec is None else rec.total, 0, 0 if rec is None else rec.regressions)
 
 
-def _init(
-    buf: mmap.mmap, seq: str, state_dir: str, lock_stat: os.stat_result, queue_stat: os.stat_result
+def _build(
+    buf: mmap.mmap, seq: str, state_dir: str, lock_stat: os.stat_result,
+    queue_stat: os.stat_result, resume_above: int,
 ) -> Header:
-    """Fill a zeroed (or abandoned half-initialised) segment; the magic goes in last."""
-    buf[:SLOTS_OFFSET] = bytes(SLOTS_OFFSET)
-    header = Header(
-        MAGIC, VERSION, SIZE, time.time_ns(), secrets.randbits(63) | 1,
-        lock_stat.st_dev, lock_stat.st_ino, 0, queue_stat.st_ino,
+    """Fill a new zero-filled segment: header, name, state_dir, record."""
+    HEADER.pack_into(
+        buf, 0, MAGIC, VERSION, SIZE, time.time_ns(), secrets.randbits(63) | 1,
+        lock_stat.st_dev, lock_stat.st_ino, queue_stat.st_ino, 0, 0,
     )
-    HEADER.pack_into(buf, 0, b"\0" * 8, *header[1:])
     name_b = seq.encode()
     buf[NAME_OFFSET : NAME_OFFSET + len(name_b)] = name_b
+    struct.pack_into("<I", buf, HEADER_CHECKED, header_check(buf))
     sd = state_dir.encode()
     if len(sd) <= STATEDIR_MAX:
         struct.pack_into("<H", buf, STATEDIR_OFFSET, len(sd))
         buf[STATEDIR_OFFSET + 2 : STATEDIR_OFFSET + 2 + len(sd)] = sd
-    buf[0:8] = MAGIC
-    return header
+    write_record(buf, resume_above, resume_above, 0, 0, 0)
+    return Header(*HEADER.unpack_from(buf, 0))
 
 
-def open_segment(
-    shm_name: str,
-    seq: str,
-    state_dir: str,
-    lock_stat: os.stat_result,
-    queue_stat: os.stat_result,
-    before_create: Callable[[], None],
-) -> Segment:
-    """Create or attach the segment. Call with the sequence's counter lock held.
+def _where(shm_name: str, seq: str) -> str:
+    return f"shared-memory segment /dev/shm/{shm_name} of sequence {seq!r}"
 
-    ``before_create`` runs before a segment is created or initialised and may refuse
-    by raising. A segment left all-zero by a creator that died before writing the
-    magic is initialised again; any other mismatch raises StateError naming it.
+
+def _owned_fix(shm_name: str, seq: str, state_dir: str) -> str:
+    return (
+        f"it was not created by shmnonce for this user: find out who made it, then remove it "
+        f"('shmnonce drop-segment {seq} --state-dir {state_dir}', or 'rm /dev/shm/{shm_name}' as "
+        "its owner or root)"
+    )
+
+
+def _create(
+    shm_name: str, seq: str, state_dir: str, lock_stat: os.stat_result,
+    queue_stat: os.stat_result, resume_above: int,
+) -> Segment | None:
+    """Build a segment under the temporary name and link it into place.
+
+    None if the real name appeared meanwhile (created by a process that does not hold
+    our lock file): the caller opens and validates that one.
     """
-    created = False
+    tmp = shm_name + TMP_SUFFIX
+    with contextlib.suppress(FileNotFoundError):
+        backend.shm_unlink(tmp)  # left by a creator killed before it finished
+    fd = backend.shm_create(tmp, SIZE)
     try:
-        fd = backend.shm_open(shm_name)
-    except FileNotFoundError:
-        before_create()
+        st = backend.verify_owned(
+            fd, _where(tmp, seq), _owned_fix(tmp, seq, state_dir)
+        )
+        buf = backend.shm_map(fd, SIZE)
+    finally:
+        os.close(fd)
+    try:
+        header = _build(buf, seq, state_dir, lock_stat, queue_stat, resume_above)
         try:
-            fd = backend.shm_create(shm_name, SIZE)
-            created = True
-        except FileExistsError:  # created by a process that does not hold our lock file
-            fd = backend.shm_open(shm_name)
+            backend.shm_link(tmp, shm_name)
+        except FileExistsError:
+            buf.close()
+            return None
+    except BaseException:
+        if not buf.closed:
+            buf.close()
+        with contextlib.suppress(OSError):
+            backend.shm_unlink(tmp)
+        raise
+    with contextlib.suppress(FileNotFoundError):
+        backend.shm_unlink(tmp)
+    return Segment(shm_name, buf, header, True, (st.st_dev, st.st_ino))
+
+
+def _adopt(
+    fd: int, shm_name: str, seq: str, state_dir: str, lock_stat: os.stat_result,
+    queue_stat: os.stat_result,
+) -> Segment | str:
+    """Map and validate an existing segment; a string says why it must be replaced.
+
+    StateError if it is damaged or foreign (an operator must look at it).
+    """
+    where = _where(shm_name, seq)
     try:
-        st = os.fstat(fd)
-        size, identity = st.st_size, (st.st_dev, st.st_ino)
-        where = f"shared-memory segment /dev/shm/{shm_name} of sequence {seq!r}"
-        if size == 0:  # creator died between shm_open and ftruncate
-            os.ftruncate(fd, SIZE)
-            size = SIZE
-        if size != SIZE:
-            raise StateError(f"{where} has {size} bytes, expected {SIZE}; {_repair(seq, state_dir)}")
+        st = backend.verify_owned(fd, where, _owned_fix(shm_name, seq, state_dir))
+        if st.st_size == 0:
+            return "is empty (its creator was killed)"
+        if st.st_size != SIZE:
+            raise StateError(
+                f"{where} has {st.st_size} bytes, expected {SIZE}; {_repair(seq, state_dir)}"
+            )
         buf = backend.shm_map(fd, SIZE)
     finally:
         os.close(fd)
     header = Header(*HEADER.unpack_from(buf, 0))
-    if header.magic == b"\0" * 8:
-        if not created:
-            before_create()
-        header = _init(buf, seq, state_dir, lock_stat, queue_stat)
-        created = True
     problem = None
-    if header.magic != MAGIC:
+    stale = None
+    if header.magic == b"\0" * 8:
+        stale = "has no magic number (its creator was killed before finishing it)"
+    elif header.magic != MAGIC:
         problem = "has a foreign magic number"
     elif header.version != VERSION:
         problem = f"has format version {header.version}, this shmnonce uses {VERSION}"
     elif header.size != SIZE:
         problem = f"declares {header.size} bytes, expected {SIZE}"
+    elif header.check != header_check(buf):
+        problem = "fails its header checksum (corrupted)"
+    elif header.flags & ~FLAG_UNLINKED:
+        problem = f"has unknown flags {header.flags:#x} (corrupted)"
+    elif header.flags & FLAG_UNLINKED:
+        stale = "is marked unlinked (a drop-segment or unlink was interrupted)"
     elif (header.lock_dev, header.lock_ino, header.queue_ino) != (
         lock_stat.st_dev, lock_stat.st_ino, queue_stat.st_ino
     ) or queue_stat.st_dev != lock_stat.st_dev:
@@ -195,10 +312,49 @@ def open_segment(
             "it was removed or replaced while the segment existed, so processes attached "
             "before that would not be excluded"
         )
-    if problem:
+    if problem or stale:
         buf.close()
+    if problem:
         raise StateError(f"{where} {problem}; {_repair(seq, state_dir)}")
-    return Segment(shm_name, buf, header, created, identity)
+    if stale:
+        return stale
+    return Segment(shm_name, buf, header, False, (st.st_dev, st.st_ino))
+
+
+def open_segment(
+    shm_name: str,
+    seq: str,
+    state_dir: str,
+    lock_stat: os.stat_result,
+    queue_stat: os.stat_result,
+    resume_above: int,
+    before_create: Callable[[str], None],
+) -> Segment:
+    """Create or attach the segment. Call with the sequence's counter lock held.
+
+    A new segment's record resumes above ``resume_above`` (the persisted ceiling).
+    ``before_create(why)`` runs before a segment is created or a stale one replaced,
+    and may refuse by raising. A damaged or foreign segment raises StateError naming it.
+    """
+    for _attempt in range(3):
+        try:
+            fd = backend.shm_open(shm_name)
+        except FileNotFoundError:
+            before_create("is gone")
+        else:
+            found = _adopt(fd, shm_name, seq, state_dir, lock_stat, queue_stat)
+            if isinstance(found, Segment):
+                return found
+            before_create(found)
+            with contextlib.suppress(FileNotFoundError):
+                backend.shm_unlink(shm_name)
+        seg = _create(shm_name, seq, state_dir, lock_stat, queue_stat, resume_above)
+        if seg is not None:
+            return seg
+    raise StateError(
+        f"{_where(shm_name, seq)} keeps being created by a process that does not hold "
+        f"{seq}.lock in {state_dir}; {_repair(seq, state_dir)}"
+    )
 
 
 class Bracketed:

@@ -16,7 +16,7 @@ from shmnonce import ShmNonce, StateError
 from shmnonce._ceiling import SIZE as CEILING_SIZE
 from shmnonce._engine import LEASE_NS
 from shmnonce._paths import segment_name
-from shmnonce._segment import RECORD, RECORD_OFFSET
+from shmnonce._segment import MIRRORED, RECORD, RECORD_OFFSET
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,11 +85,11 @@ def test_clock_regressions_counted_and_values_keep_rising(eng: ShmNonce) -> None
 def test_torn_record_is_detected_and_recovered_from_the_ceiling(state_dir: str) -> None:
     eng = ShmNonce.attach("torn", state_dir)
     vals = [eng.next() for _ in range(100)]
-    g, last, limit, total, prev, reg, _ = RECORD.unpack_from(eng._buf, RECORD_OFFSET)
-    # a writer killed half-way: the first generation word and half of `last` written
-    torn = bytearray(RECORD.pack(g + 1, 2**63 + 5, limit, total + 1, prev, reg, g))
-    torn[8 + 4 : 8 + 8] = struct.pack("<Q", last)[4:8]
-    eng._buf[RECORD_OFFSET : RECORD_OFFSET + RECORD.size] = torn
+    last, limit, total, prev, reg = RECORD.unpack_from(eng._buf, RECORD_OFFSET)
+    # a writer killed half-way: the record written, half of the mirror's `last` not
+    torn = bytearray(MIRRORED.pack(2**63 + 5, limit, total, prev, reg, 2**63 + 5, limit, total, prev, reg))
+    torn[RECORD.size + 4 : RECORD.size + 8] = struct.pack("<Q", last)[4:8]
+    eng._buf[RECORD_OFFSET : RECORD_OFFSET + MIRRORED.size] = torn
     v = eng.next()
     assert v > max(vals)
     assert v < 2**63, "trusted a half-written value"
@@ -101,8 +101,8 @@ def test_torn_record_is_detected_and_recovered_from_the_ceiling(state_dir: str) 
 def test_torn_record_found_at_attach(state_dir: str) -> None:
     eng = ShmNonce.attach("torn2", state_dir)
     v = eng.jump_forward(HOUR)  # ahead of the clock, so only a correct recovery is above it
-    g = RECORD.unpack_from(eng._buf, RECORD_OFFSET)[0]
-    struct.pack_into("<Q", eng._buf, RECORD_OFFSET, g + 7)
+    last = RECORD.unpack_from(eng._buf, RECORD_OFFSET)[0]
+    struct.pack_into("<Q", eng._buf, RECORD_OFFSET, last + 7)  # record written, mirror not
     eng.close()
     with ShmNonce.attach("torn2", state_dir) as e2:
         assert e2.stats()["torn_recoveries"] == 1

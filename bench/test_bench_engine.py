@@ -2,8 +2,10 @@
 
 Floors (issue 2) are asserted as ratios of figures measured in this same run:
 next() >= 0.6 x the raw-flock limit (1 process) and >= 0.5 x (2 processes), and
->= 30 x filelock.FileLock acquired per call. Quick mode (SHMNONCE_BENCH_QUICK=1)
-uses fewer rounds and still checks the floors.
+>= 30 x filelock.FileLock acquired per call. Issue 8 added integrity checks to the
+record: next() must stay >= 0.9 x the next() of e67e9a1 (before them), measured
+against a verbatim copy of that hot path (``PreIntegrityNext``). Quick mode
+(SHMNONCE_BENCH_QUICK=1) uses fewer rounds and still checks the floors.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import filelock
 import pytest
 
 from shmnonce import ShmNonce
+from shmnonce import _posix as backend
 
 from .conftest import QUICK
 
@@ -58,6 +61,53 @@ class RawFlock:
                 return v
             finally:
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+class PreIntegrityNext:
+    """next() as of commit e67e9a1, before the record was mirrored: the same code,
+    copied verbatim, on a lock file and a mapping of its own. The reference for the
+    floor "next() >= 0.9 x its speed before issue 8". Its lease never ends, so it
+    never leaves the hot path."""
+
+    _clock = staticmethod(time.time_ns)
+    _REGRESSION_NS = 1_000_000
+
+    def __init__(self, path: str, buf: Any) -> None:
+        self._tlock = threading.Lock()
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._buf = buf
+        self._deferred: list[object] = []
+        _REC.pack_into(buf, 0, 1, 0, 2**64 - 1, 0, 0, 0, 1)
+
+    def next(self) -> int:
+        tlock = self._tlock
+        tlock.acquire()
+        try:
+            fd = self._fd
+            backend.flock_ex(fd, fcntl.LOCK_EX)
+            try:
+                v = self._issue()
+            finally:
+                backend.flock_un(fd)
+        except (OSError, ValueError) as exc:
+            raise AssertionError("unreachable") from exc
+        finally:
+            tlock.release()
+        if self._deferred:
+            raise AssertionError("unreachable")
+        return v
+
+    def _issue(self) -> int:
+        buf = self._buf
+        g, last, limit, total, prev, reg, g2 = _REC.unpack_from(buf, 0)
+        now = self._clock()
+        v: int = last + 1
+        if now > v:
+            v = now
+        if g != g2 or v > limit or now < prev - self._REGRESSION_NS:
+            raise AssertionError("the reference never takes the slow path")
+        _REC.pack_into(buf, 0, g + 1, v, limit, total + 1, now, reg, g + 1)
+        return v
 
 
 @pytest.fixture
@@ -207,14 +257,16 @@ def test_next_aggregate(benchmark: Any, eng: ShmNonce, tmp_path: Any, procs: int
 
 
 def _interleaved_single(tmp: str) -> dict[str, float]:
-    """Best ops/s of next(), the raw-flock limit and FileLock per call, measured in
-    alternating rounds so that all three see the same machine load."""
+    """Best ops/s of next(), the raw-flock limit, next() as of e67e9a1 and FileLock per
+    call, measured in alternating rounds so that all of them see the same machine load."""
     raw = RawFlock(os.path.join(tmp, "inter.lock"), mmap.mmap(-1, 4096))
+    pre = PreIntegrityNext(os.path.join(tmp, "inter-pre.lock"), mmap.mmap(-1, 4096))
     filelock_call = _filelock_counter(os.path.join(tmp, "inter-fl.lock"))
-    best = {"next": 0.0, "raw": 0.0, "filelock": 0.0}
+    best = {"next": 0.0, "raw": 0.0, "pre_integrity": 0.0, "filelock": 0.0}
     with ShmNonce.attach("inter", tmp) as eng:
         fns: tuple[tuple[str, Callable[[], object], int], ...] = (
-            ("raw", raw.next, BATCH), ("next", eng.next, BATCH), ("filelock", filelock_call, BATCH // 20)
+            ("raw", raw.next, BATCH), ("next", eng.next, BATCH), ("pre_integrity", pre.next, BATCH),
+            ("filelock", filelock_call, BATCH // 20),
         )
         for _ in range(ROUNDS * 2):
             for key, fn, n in fns:
@@ -252,11 +304,13 @@ def test_floors_and_table(tmp_path: Any) -> None:
     print("interleaved, 1 process: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in inter.items()))
     ratios = {
         "next / raw_flock (1p, interleaved)": inter["next"] / inter["raw"],
+        "next / next of e67e9a1 (1p, interleaved)": inter["next"] / inter["pre_integrity"],
         "next / raw_flock (2p)": RESULTS["next_2p"] / RESULTS["raw_flock_2p"],
         "next / FileLock (1p, interleaved)": inter["next"] / inter["filelock"],
     }
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
     assert ratios["next / raw_flock (1p, interleaved)"] >= 0.6
+    assert ratios["next / next of e67e9a1 (1p, interleaved)"] >= 0.9
     assert ratios["next / raw_flock (2p)"] >= 0.5
     assert ratios["next / FileLock (1p, interleaved)"] >= 30

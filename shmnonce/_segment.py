@@ -235,13 +235,23 @@ def _create(
 ) -> Segment | None:
     """Build a segment under the temporary name and link it into place.
 
-    None if the real name appeared meanwhile (created by a process that does not hold
-    our lock file): the caller opens and validates that one.
+    None if the real or the temporary name appeared meanwhile (made by a process that
+    does not hold our lock file): the caller tries again, and validates what it finds.
     """
     tmp = shm_name + TMP_SUFFIX
-    with contextlib.suppress(FileNotFoundError):
+    try:
         backend.shm_unlink(tmp)  # left by a creator killed before it finished
-    fd = backend.shm_create(tmp, SIZE)
+    except FileNotFoundError:
+        pass
+    except PermissionError:
+        raise StateError(
+            f"{_where(tmp, seq)} (where new segments are built) belongs to another user; "
+            f"{_owned_fix(tmp, seq, state_dir)}"
+        ) from None
+    try:
+        fd = backend.shm_create(tmp, SIZE)
+    except FileExistsError:  # made again since: by a process that does not hold our lock
+        return None
     try:
         st = backend.verify_owned(
             fd, _where(tmp, seq), _owned_fix(tmp, seq, state_dir)

@@ -13,9 +13,9 @@ Checks, each reported as ``ok``, ``warn`` or ``error``:
     The persisted ceiling is intact (magic, version, checksum) and not below the
     live segment's last value or lease; a live segment without ceiling is an error
     (attach refuses it). The segment itself is checked: size, magic, version, header
-    checksum, the lock file it was created with, and the record against its mirror
-    (a record that differs from it is a warning when the ceiling is intact, since the next user
-    resumes above the ceiling, and an error otherwise).
+    checksum, the lock file it was created with, and the record against its mirror (a
+    record that differs from it is a warning when the ceiling is intact, since the
+    next user resumes above the ceiling, and an error otherwise).
 ``clock``
     The wall clock against the last value: a clock more than 1 ms behind it is a
     warning (values then run ahead of the clock, at last + 1, until it catches up),
@@ -151,8 +151,8 @@ def _read_snapshot(shm: str) -> _Snapshot | str | None:
 
 
 def _stable_record(buf: mmap.mmap) -> Record | None:
-    """The record, read without the lock: a writer may be between the record and its
-    check, so a failing read is retried for a few milliseconds before it counts."""
+    """The record, read without the lock: a writer may be half-way through writing the
+    record and its mirror, so a failing read is retried for a few milliseconds."""
     for _ in range(20):
         rec = read_record(buf)
         if rec is not None:
@@ -283,7 +283,9 @@ def _check_live(
     except FileNotFoundError:
         lock_ok = False
     if snap.header.flags & FLAG_UNLINKED:
-        rep.add("ceiling", WARN, f"segment /dev/shm/{shm} of {name!r} is marked unlinked", name, **details)
+        rep.add("ceiling", WARN, f"segment /dev/shm/{shm} of {name!r} is marked unlinked (an interrupted "
+                "drop-segment or unlink); the next attach replaces it once no process uses it", name,
+                **details)
     if not lock_ok:
         rep.add("ceiling", ERROR, f"segment /dev/shm/{shm} of {name!r} was created with another lock "
                 f"file than {lock_path} (the state was removed or replaced); attach refuses it: stop "

@@ -362,10 +362,8 @@ class ShmNonce:
         return new
 
     def _record(self) -> Record:
-        """Read the record, repairing it first if it fails its check; refuse if unlinked.
-
-        Counter lock held.
-        """
+        """Read the record, first repairing it if it differs from its mirror; refuse if
+        the segment is marked unlinked (counter lock held)."""
         if self._seg.read_header().flags & FLAG_UNLINKED:
             raise StateError(
                 f"sequence {self.name!r} was unlinked; close this handle and attach again"
@@ -376,29 +374,30 @@ class ShmNonce:
         return rec
 
     def _recover_torn(self) -> Record:
-        """The record differs from its mirror: restart above the persisted ceiling (lock held).
+        """The record differs from its mirror: restart above the persisted ceiling.
 
-        A writer killed between writing the record and its check, or a flipped bit. The
-        counters are kept as found (they may be off after a corruption); the previous
-        clock reading is dropped, since a corrupted one could count every call as a
-        clock regression.
+        A writer was killed while writing them, or a bit flipped. The counters are kept
+        as found (they may be off after a corruption); the previous clock reading is
+        dropped, since a corrupted one could count every call as a clock regression.
+        Counter lock held.
         """
         ceiling = read_ceiling(self._ceiling_path)
         if ceiling is None:
             raise StateError(
-                f"segment {self.segment_name} of sequence {self.name!r} holds a record that differs "
-                f"from its mirror copy (torn or corrupted) and the persisted ceiling {self._ceiling_path!r} "
-                f"is missing; the last value cannot be recovered. Run 'shmnonce unlink {self.name}', "
-                f"then 'shmnonce jump {self.name} NS' past every value the exchange has seen"
+                f"segment {self.segment_name} of sequence {self.name!r} holds a record that "
+                "differs from its mirror copy (torn or corrupted) and the persisted ceiling "
+                f"{self._ceiling_path!r} is missing; the last value cannot be recovered. Run "
+                f"'shmnonce unlink {self.name}', then 'shmnonce jump {self.name} NS' past every "
+                "value the exchange has seen"
             )
         _last, _limit, total, _prev, reg = RECORD.unpack_from(self._buf, RECORD_OFFSET)
         base = ceiling.limit
         write_record(self._buf, base, base, total, 0, reg)
         self._queue.bump(Q_TORN)
         self._log(
-            logging.WARNING, "sequence %r: the record in segment %s differs from its mirror (a writer "
-            "was killed mid-update, or memory was corrupted); resuming above the persisted "
-            "ceiling %d", self.name, self.segment_name, base,
+            logging.WARNING, "sequence %r: the record in segment %s differs from its mirror (a "
+            "writer was killed mid-update, or memory was corrupted); resuming above the "
+            "persisted ceiling %d", self.name, self.segment_name, base,
         )
         return Record(base, base, total, 0, reg)
 

@@ -253,24 +253,19 @@ def _create(
     except FileExistsError:  # made again since: by a process that does not hold our lock
         return None
     try:
-        st = backend.verify_owned(
-            fd, _where(tmp, seq), _owned_fix(tmp, seq, state_dir)
-        )
+        st = backend.verify_owned(fd, _where(tmp, seq), _owned_fix(tmp, seq, state_dir))
         buf = backend.shm_map(fd, SIZE)
     finally:
         os.close(fd)
     try:
         header = _build(buf, seq, state_dir, lock_stat, queue_stat, resume_above)
-        try:
-            backend.shm_link(tmp, shm_name)
-        except FileExistsError:
-            buf.close()
-            return None
-    except BaseException:
-        if not buf.closed:
-            buf.close()
+        backend.shm_link(tmp, shm_name)  # the segment becomes visible here, complete
+    except BaseException as exc:
+        buf.close()
         with contextlib.suppress(OSError):
             backend.shm_unlink(tmp)
+        if isinstance(exc, FileExistsError):
+            return None
         raise
     with contextlib.suppress(FileNotFoundError):
         backend.shm_unlink(tmp)

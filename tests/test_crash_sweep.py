@@ -265,28 +265,30 @@ def test_unlink_killed_at_every_system_call(server: Server, state_dir: str, op: 
 
 
 def test_creating_process_killed_at_random_moments(server: Server, state_dir: str) -> None:
-    """300 creators SIGKILLed after a random delay within their run time."""
+    """300 creators SIGKILLed after a random delay within the time a creation takes.
+
+    The delay is drawn from [0, median run time], the median taken over the runs that
+    completed so far (the machine's load changes it); runs go on until 300 were killed.
+    """
     name = "cr"
     out = os.path.join(server.tmp, "issued")
     issued = Issued()
     issued.add([_ahead(state_dir, name)])
-    durations = []
-    for _ in range(5):
-        _reboot(state_dir, name)
-        t0 = time.perf_counter()
-        assert server.run_killed_after("attach", name, state_dir, out, 10.0) == 0, _err(out)
-        durations.append(time.perf_counter() - t0)
-        issued.add(_issued(out))
-    span = sorted(durations)[2]
+    durations: list[float] = []
     rng = random.Random(8)
-    killed = 0
-    deadline = time.monotonic() + 120
-    for i in range(300):
-        assert time.monotonic() < deadline, "took too long"
+    killed = runs = 0
+    deadline = time.monotonic() + 150
+    while killed < 300:
+        assert runs < 3000 and time.monotonic() < deadline, f"only {killed} kills in {runs} runs"
         _reboot(state_dir, name)
+        span = sorted(durations)[len(durations) // 2] if len(durations) >= 5 else 10.0
+        t0 = time.perf_counter()
         code = server.run_killed_after("attach", name, state_dir, out, rng.uniform(0, span))
+        runs += 1
         assert code in (0, -signal.SIGKILL), (code, _err(out))
+        if code == 0:
+            durations = [*durations[-20:], time.perf_counter() - t0]
         killed += code != 0
         issued.add(_issued(out))
-        issued.check(state_dir, name, f"random kill #{i}")
-    assert killed >= 100, f"only {killed} of 300 runs were killed before completing"
+        issued.check(state_dir, name, f"random kill, run {runs}")
+    print(f"random kills: {killed} of {runs} creators killed")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
 from typing import Any
 
@@ -16,7 +16,7 @@ from . import _posix as backend
 from ._ceiling import Ceiling, read_ceiling, write_ceiling
 from ._errors import NonceError, StateError
 from ._paths import api_key_name, resolve_state_dir, segment_name, validate_name
-from ._queue import SectionQueue, others_attached
+from ._queue import SectionQueue, ShmSection, others_attached
 from ._repair import remove_state
 from ._segment import (
     FLAG_UNLINKED,
@@ -456,20 +456,37 @@ class ShmNonce:
         with self._short_lock():
             return self._record().last
 
-    @contextlib.contextmanager
-    def serialized(self, timeout: float | None = None) -> Iterator[int]:
+    def enter(self, timeout: float | None = None) -> ShmSection:
+        """Wait for the exclusive section and return its ticket; ``leave()`` it when done.
+
+        The ticket belongs to whoever entered (any thread may leave it). ``nonce`` on
+        the ticket was issued inside the section. Blocks the calling thread while it
+        waits; in asyncio code use :meth:`aenter` / :meth:`aserialized`.
+        """
+        if self._closed or self._fd < 0:
+            raise self._unusable(NonceError("unusable handle"))
+        return self._queue.enter(timeout, self._issue)
+
+    def serialized(self, timeout: float | None = None) -> AbstractContextManager[int]:
         """Exclusive section across threads and processes; yields a nonce issued inside.
 
         Entrants are served in arrival order; a waiter wakes as soon as the holder
         leaves or dies. ``next()`` elsewhere does not wait for the section.
         """
+        return _Serialized(self, timeout)
+
+    async def aenter(self, timeout: float | None = None) -> ShmSection:
+        """:meth:`enter` for asyncio: waits without blocking the event loop.
+
+        Each task is its own entrant. Cancelling the waiting task gives its place up.
+        """
         if self._closed or self._fd < 0:
             raise self._unusable(NonceError("unusable handle"))
-        nonce = self._queue.enter(timeout, self._issue)
-        try:
-            yield nonce
-        finally:
-            self._queue.leave()
+        return await self._queue.aenter(timeout, self._issue)
+
+    def aserialized(self, timeout: float | None = None) -> AbstractAsyncContextManager[int]:
+        """:meth:`serialized` for asyncio: ``async with eng.aserialized(5) as nonce:``."""
+        return _ASerialized(self, timeout)
 
     def jump_forward(self, delta_ns: int) -> int:
         """Set the last value to ``max(last, now) + delta_ns`` and return it."""
@@ -580,6 +597,46 @@ class ShmNonce:
     def __reduce__(self) -> tuple[Any, ...]:
         # Spawned children re-attach by name instead of copying a mapping.
         return (_reattach, (self.name, self.state_dir))
+
+
+class _Serialized:
+    """The context manager of ``serialized()``: enter() on entry, leave() on exit."""
+
+    __slots__ = ("_eng", "_section", "_timeout")
+
+    def __init__(self, eng: ShmNonce, timeout: float | None) -> None:
+        self._eng = eng
+        self._timeout = timeout
+        self._section: ShmSection | None = None
+
+    def __enter__(self) -> int:
+        section = self._section = self._eng.enter(self._timeout)
+        return section.nonce
+
+    def __exit__(self, *exc: object) -> None:
+        section, self._section = self._section, None
+        if section is not None:
+            section.leave()
+
+
+class _ASerialized:
+    """The async context manager of ``aserialized()``."""
+
+    __slots__ = ("_eng", "_section", "_timeout")
+
+    def __init__(self, eng: ShmNonce, timeout: float | None) -> None:
+        self._eng = eng
+        self._timeout = timeout
+        self._section: ShmSection | None = None
+
+    async def __aenter__(self) -> int:
+        section = self._section = await self._eng.aenter(self._timeout)
+        return section.nonce
+
+    async def __aexit__(self, *exc: object) -> None:
+        section, self._section = self._section, None
+        if section is not None:
+            section.leave()
 
 
 class _CounterLock:

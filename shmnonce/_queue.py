@@ -153,6 +153,11 @@ class ShmSection:
         self.nonce = nonce
 
     @property
+    def ticket(self) -> int:
+        """This entrant's place in the sequence's line (tickets are taken in arrival order)."""
+        return self._ent.ticket
+
+    @property
     def held(self) -> bool:
         """Whether this ticket still holds the section (in this process)."""
         return self._ent.held and self._gen == self._queue._gen
@@ -206,7 +211,7 @@ class SectionQueue:
         self._wfd = -1  # second description: the waiter's read locks and lock tests
         self._want = -1  # byte the lead asked the waiter thread to wait for
         self._busy = -1  # byte the waiter thread is blocked on
-        self._waiter: threading.Thread | None = None
+        self._waiter: object = None  # token of the running waiter thread
         self._stop = False
         self._orphans: set[int] = set()  # descriptors a blocked waiter closes when it returns
 
@@ -619,26 +624,44 @@ class SectionQueue:
         return False
 
     def _start_waiter(self, fd: int) -> None:
-        """Start the waiter thread on description ``fd`` unless one runs already."""
+        """Start the waiter thread on description ``fd`` unless one runs already.
+
+        Started with ``_thread`` rather than ``threading.Thread.start()``, which waits
+        until the new thread is scheduled: on a busy machine that wait can last tens of
+        milliseconds, and the caller may be an event loop.
+        """
         with self._mutex:
             if self._waiter is not None or self._stop or self._want < 0:
                 return
-            thread = self._waiter = threading.Thread(
-                target=self._waiter_main, args=(fd,), name="shmnonce-waiter", daemon=True
-            )
-        thread.start()
+            token = self._waiter = object()
+        try:
+            _thread.start_new_thread(self._waiter_main, (fd, token))
+        except BaseException:
+            with self._mutex:
+                self._waiter = None
+            raise
 
-    def _waiter_main(self, fd: int) -> None:
+    def _waiter_main(self, fd: int, token: object) -> None:
         """Block in the kernel for the byte the lead needs, then wake the lead."""
-        me = threading.current_thread()
+        try:
+            self._waiter_loop(fd, token)
+        except BaseException:  # never expected; the lead's own wait still times out
+            log.exception("shmnonce section waiter thread failed")
+            with self._mutex:
+                if self._waiter is token:
+                    self._waiter = None
+                if self._waiting:
+                    self._waiting[next(iter(self._waiting))].signal()
+
+    def _waiter_loop(self, fd: int, token: object) -> None:
         while True:
             with self._mutex:
-                if self._waiter is not me:
+                if self._waiter is not token:
                     return  # a forked child's copy of the state, or replaced
                 if self._want < 0 and not self._stop:
                     self._cond.wait(WAITER_IDLE_S)
-                if self._want < 0 or self._stop or self._waiter is not me:
-                    if self._waiter is me:
+                if self._want < 0 or self._stop or self._waiter is not token:
+                    if self._waiter is token:
                         self._waiter = None
                     return
                 byte, self._want = self._want, -1
@@ -653,7 +676,7 @@ class SectionQueue:
                 if fd in self._orphans:  # the handle was closed while we were blocked
                     self._orphans.discard(fd)
                     os.close(fd)
-                    if self._waiter is me:
+                    if self._waiter is token:
                         self._waiter = None
                     return
                 if self._waiting:

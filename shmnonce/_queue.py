@@ -101,11 +101,14 @@ def _check_word(raw: tuple[int, ...]) -> int:
 class _Entrant:
     """One thread's or task's place in line (a ticket of this process)."""
 
-    __slots__ = ("fut", "held", "lock", "loop", "task", "thread", "ticket", "woken")
+    __slots__ = ("fut", "held", "lock", "loop", "owner", "task", "thread", "ticket", "woken")
 
-    def __init__(self, thread: int, loop: asyncio.AbstractEventLoop | None, task: object) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, task: object) -> None:
         self.ticket = -1
-        self.thread = thread
+        self.thread = threading.get_ident()
+        # The Thread object, not the ident (idents are reused after a thread ends): a
+        # ticket handed to another thread must not make a new thread look re-entrant.
+        self.owner = threading.current_thread()
         self.loop = loop
         self.task = task
         self.held = False
@@ -385,16 +388,15 @@ class SectionQueue:
         """Wait (blocking this thread) for the section; ``issue()`` is called inside it."""
         if timeout is not None and not timeout >= 0:
             raise ValueError("timeout must be >= 0 or None")
-        me = threading.get_ident()
         loop = task = None
         aio = sys.modules.get("asyncio")
         if aio is not None:
             loop = aio._get_running_loop()
             if loop is not None:
                 task = aio.current_task(loop)
+        ent = _Entrant(None, task)
         if self._mine:
-            self._refuse_blocking_reentry(me, loop)
-        ent = _Entrant(me, None, task)
+            self._refuse_blocking_reentry(ent, loop)
         nonce = self._try_enter(ent, issue, False)
         if nonce is not None:
             return ShmSection(self, ent, nonce)
@@ -448,7 +450,7 @@ class SectionQueue:
                         "aserialized() is not re-entrant: this task already holds or waits "
                         "for the section"
                     )
-        ent = _Entrant(threading.get_ident(), loop, task)
+        ent = _Entrant(loop, task)
         nonce = self._try_enter(ent, issue, False)
         if nonce is not None:
             return ShmSection(self, ent, nonce)
@@ -485,10 +487,10 @@ class SectionQueue:
             log.info("aserialized() waited %.1f s for the section", waited_s)
         return ShmSection(self, ent, nonce)
 
-    def _refuse_blocking_reentry(self, me: int, loop: object) -> None:
+    def _refuse_blocking_reentry(self, ent: _Entrant, loop: object) -> None:
         """A blocking enter from a thread that already waits or holds would never return."""
         for other in list(self._mine.values()):
-            if other.thread != me:
+            if other.owner is not ent.owner:
                 continue
             if loop is not None:
                 raise NonceError(

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -90,6 +91,34 @@ def test_a_left_ticket_does_not_release_a_later_holder(eng: ShmNonce) -> None:
             with other.serialized(timeout=0.05):
                 pass
     second.leave()
+
+
+def test_a_ticket_from_a_thread_that_ended_does_not_refuse_a_new_thread(eng: ShmNonce) -> None:
+    """Thread idents are reused: a new thread with the ident of the thread that entered
+    (and handed its ticket over before ending) is not taken for a re-entrant caller."""
+    box: list[Any] = []
+    t = threading.Thread(target=lambda: box.append((threading.get_ident(), eng.enter(timeout=1))))
+    t.start()
+    t.join()
+    ident, section = box[0]
+    results: list[tuple[int, str]] = []
+
+    def newcomer() -> None:
+        try:
+            with eng.serialized(timeout=0.05):
+                results.append((threading.get_ident(), "entered"))
+        except LockTimeout:
+            results.append((threading.get_ident(), "timeout"))
+        except NonceError as exc:
+            results.append((threading.get_ident(), f"refused: {exc}"))
+
+    for _ in range(20):
+        n = threading.Thread(target=newcomer)
+        n.start()
+        n.join()
+    assert {r for _, r in results} == {"timeout"}, results[:3]
+    assert ident in {i for i, _ in results}, "no thread reused the ident: the test proved nothing"
+    section.leave()
 
 
 def _fds() -> int:

@@ -4,7 +4,8 @@ Attached processes
     A process that attached a sequence keeps three things open: the lock file
     ``<state_dir>/<name>.lock`` (the counter lock), a descriptor of the segment
     ``/dev/shm/<segment>`` (CPython's ``mmap`` keeps a duplicate of it) and the mapping
-    itself; threads that entered ``serialized()`` also keep ``<name>.queue`` open. The
+    itself, and ``<name>.queue`` (one open file description carries all of the process's
+    section tickets; a second one is opened once it waits for another process). The
     scan lists, with ``psutil``, every process with one of those files open, plus every
     process whose ``/proc/<pid>/maps`` shows the segment.
 

@@ -25,13 +25,15 @@ own locks, the process tracks its own tickets itself (``_mine``) and asks the ke
 only about other processes' tickets, through a second description (``_wfd``).
 
 Only the process's earliest waiting entrant (the *lead*) can be next, so only the lead
-waits across processes: one waiter thread per queue blocks in ``F_OFD_SETLKW`` (a read
-lock) on ``_wfd`` and then wakes the lead, through a lock for a thread or
-``loop.call_soon_threadsafe`` for a task. The lead's own waiting is an in-process
-primitive, so timeouts and cancellation act at once: the entrant withdraws its ticket
-(phase DONE, byte unlocked) and the next local entrant becomes the lead. A read lock
-of the waiter never shares a description with the process's write locks (locks of one
-description on one byte replace each other).
+waits across processes: a thread waiting without a timeout blocks in ``F_OFD_SETLKW``
+(a read lock of the byte of the ticket ahead) on ``_wfd`` itself; every other lead (a
+timed wait, an asyncio task) is woken by the queue's waiter thread, which blocks there
+on its behalf and then releases a lock the thread waits on, or resolves the task's
+future through ``loop.call_soon_threadsafe``. The waiter thread exits as soon as
+nothing is left to wait for. Waiting in memory, timeouts and cancellation act at once:
+the entrant withdraws its ticket (phase DONE, byte unlocked) and the next local
+entrant becomes the lead. A read lock never shares a description with the process's
+write locks (locks of one description on one byte replace each other).
 
 Descriptors per attached sequence and process: the base descriptor and ``_wfd``
 (opened at the first contention), whatever the number of threads or tasks.
@@ -86,8 +88,6 @@ CHECK_OFFSET = QUEUE.offset + QUEUE.struct.size
 assert CHECK_OFFSET + 8 <= EXT_RATELIMIT_OFFSET
 LONG_WAIT_S = 5.0
 """A wait for the section longer than this is logged (INFO)."""
-WAITER_IDLE_S = 30.0
-"""The waiter thread exits after this long without a request (restarted on demand)."""
 _U64 = struct.Struct("<Q")
 _PHASE_AT = 8  # offset of the phase word inside a slot
 log = logging.getLogger("shmnonce")
@@ -101,7 +101,8 @@ def _check_word(raw: tuple[int, ...]) -> int:
 class _Entrant:
     """One thread's or task's place in line (a ticket of this process)."""
 
-    __slots__ = ("fut", "held", "lock", "loop", "owner", "task", "thread", "ticket", "woken")
+    __slots__ = ("direct", "fut", "held", "lock", "loop", "owner", "task", "thread", "ticket",
+                 "woken")
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None, task: object) -> None:
         self.ticket = -1
@@ -115,6 +116,7 @@ class _Entrant:
         self.woken = False
         self.lock: Any = None  # a locked _thread lock a waiting thread blocks on
         self.fut: asyncio.Future[None] | None = None  # what a waiting task awaits
+        self.direct = -1  # byte a thread waiting without timeout blocks on in the kernel
 
     def signal(self) -> None:
         """Make the entrant re-examine the queue (queue mutex held)."""
@@ -208,7 +210,6 @@ class SectionQueue:
 
     def _init_local(self) -> None:
         self._mutex = threading.Lock()  # guards everything below; the fork hook takes it
-        self._cond = threading.Condition(self._mutex)
         self._mine: dict[int, _Entrant] = {}  # this process's tickets, waiting or held
         self._waiting: dict[int, _Entrant] = {}  # the waiting ones, in ticket order
         self._wfd = -1  # second description: the waiter's read locks and lock tests
@@ -262,9 +263,9 @@ class SectionQueue:
             finally:
                 self._mutex.release()
         else:  # only in a dying handle whose mutex was copied locked by fork()
-            self._release_locked(notify=False)
+            self._release_locked()
 
-    def _release_locked(self, notify: bool = True) -> None:
+    def _release_locked(self) -> None:
         self._gen += 1
         self._stop = True
         wfd, self._wfd = self._wfd, -1
@@ -273,8 +274,6 @@ class SectionQueue:
                 self._orphans.add(wfd)  # the blocked waiter closes it when it returns
             else:
                 os.close(wfd)
-        if notify:
-            self._cond.notify_all()
         base, self._base = self._base, -1
         if base >= 0:
             os.close(base)
@@ -397,7 +396,11 @@ class SectionQueue:
         ent = _Entrant(None, task)
         if self._mine:
             self._refuse_blocking_reentry(ent, loop)
-        nonce = self._try_enter(ent, issue, False)
+        # Without a timeout the thread itself blocks in the kernel when it waits for
+        # another process (no waiter thread, one wake-up less); with one it waits on an
+        # in-process lock that the waiter thread releases.
+        direct = timeout is None
+        nonce = self._try_enter(ent, issue, False, direct)
         if nonce is not None:
             return ShmSection(self, ent, nonce)
         start = time.monotonic()
@@ -405,13 +408,17 @@ class SectionQueue:
         try:
             while True:
                 with self._mutex:
-                    if ent.woken:
+                    byte, ent.direct = ent.direct, -1
+                    if ent.woken or byte >= 0:
                         lock = None
                     else:
                         lock = ent.lock = _thread.allocate_lock()
                         lock.acquire()
                     ent.woken = False
-                if lock is not None:
+                if byte >= 0:
+                    backend.ofd_lock(self._wfd, byte, backend.F_RDLCK, wait=True)
+                    backend.ofd_unlock(self._wfd, byte)
+                elif lock is not None:
                     if deadline is None:
                         lock.acquire()
                     else:
@@ -420,7 +427,7 @@ class SectionQueue:
                     with self._mutex:
                         ent.lock = None
                         ent.woken = False
-                nonce = self._try_enter(ent, issue, True)
+                nonce = self._try_enter(ent, issue, True, direct)
                 if nonce is not None:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
@@ -502,9 +509,15 @@ class SectionQueue:
                 "serialized() is not re-entrant: this thread already holds (or waits for) it"
             )
 
-    def _try_enter(self, ent: _Entrant, issue: Callable[[], int], waited: bool) -> int | None:
+    def _try_enter(
+        self, ent: _Entrant, issue: Callable[[], int], waited: bool, direct: bool = False
+    ) -> int | None:
         """Take a ticket if ``ent`` has none; enter if it is its turn and return the nonce,
-        else arrange to be woken and return None."""
+        else arrange to be woken and return None.
+
+        ``direct``: if ``ent`` is the lead and waits for another process, set
+        ``ent.direct`` to the byte to block on instead of asking the waiter thread.
+        """
         start_waiter = False
         wfd = -1
         with self._counter():
@@ -529,8 +542,11 @@ class SectionQueue:
                     return nonce
                 with self._mutex:
                     if next(iter(self._waiting)) == t and blocker not in self._mine:
-                        start_waiter = self._request_locked(blocker % SLOTS)
-                if start_waiter:
+                        if direct:
+                            ent.direct = blocker % SLOTS
+                        else:
+                            start_waiter = self._request_locked(blocker % SLOTS)
+                if start_waiter or ent.direct >= 0:
                     wfd = self._probe()
             except BaseException:
                 if ent.ticket >= 0 and not ent.held:
@@ -620,10 +636,7 @@ class SectionQueue:
             self._want = -1
             return False
         self._want = byte
-        if self._waiter is None:
-            return True
-        self._cond.notify()
-        return False
+        return self._waiter is None  # a running waiter takes the request after its wait
 
     def _start_waiter(self, fd: int) -> None:
         """Start the waiter thread on description ``fd`` unless one runs already.
@@ -658,10 +671,8 @@ class SectionQueue:
     def _waiter_loop(self, fd: int, token: object) -> None:
         while True:
             with self._mutex:
-                if self._waiter is not token:
-                    return  # a forked child's copy of the state, or replaced
-                if self._want < 0 and not self._stop:
-                    self._cond.wait(WAITER_IDLE_S)
+                # Exit as soon as there is nothing to wait for: no thread lingers (a
+                # process that forks later is not multi-threaded because of us).
                 if self._want < 0 or self._stop or self._waiter is not token:
                     if self._waiter is token:
                         self._waiter = None

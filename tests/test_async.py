@@ -543,7 +543,7 @@ def test_async_waiter_wakes_when_another_process_leaves(state_dir: str, tmp_path
     delays = []
 
     async def main() -> None:
-        for i in range(6):
+        for i in range(10):
             ready = os.path.join(str(tmp_path), f"r{i}")
             proc = subprocess.Popen([sys.executable, "-m", "tests._workers", "hold", "wk",
                                      state_dir, ready, "0.15"], cwd=ROOT,

@@ -8,6 +8,7 @@ Layout (little-endian, version 2)::
     104   mirror: the same five fields again
     144   (unused)
     192   queue: gen, tail, head, entries, waited, torn_recoveries, gen
+    248   queue check word: XOR of gen .. torn_recoveries (see _queue.py)
     256   extension area of the Kraken rate limiter (256 bytes)
     512   extension area of the compat module (256 bytes)
     768   (unused)

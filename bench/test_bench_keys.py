@@ -84,7 +84,7 @@ def test_keys(tmp_path: Any) -> None:
                           "one_thread": 0.0, "eight_threads": 0.0,
                           "fds_per_key": (_fds() - base) / nkeys}
         _round_robin(engines, nkeys)
-    for _ in range(3 if QUICK else 8):
+    for _ in range(5 if QUICK else 8):
         for nkeys, engines in sets.items():
             r = RESULTS[nkeys]
             t0 = time.perf_counter()

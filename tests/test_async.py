@@ -622,3 +622,99 @@ def test_random_timeouts_threads_and_tasks_keep_the_queue_working(eng: ShmNonce)
         pass
     assert _live_tickets(eng) == []
     assert eng._queue._mine == {}
+
+
+KILLED_WORKER = r'''
+import asyncio, random, sys, threading, time
+sys.path.insert(0, sys.argv[3])
+from _observer import Observer
+from shmnonce import LockTimeout, ShmNonce
+state_dir, obsdir = sys.argv[1:3]
+eng = ShmNonce.attach("ks", state_dir)
+obs = Observer(obsdir)
+
+def thread_worker(i):
+    r = random.Random()
+    while True:
+        try:
+            with eng.serialized(timeout=r.choice([None, 0.001, 0.05])) as n:
+                obs.enter(n, f"t{i}")
+                time.sleep(r.random() * 0.002)
+                obs.exit(n, f"t{i}")
+        except LockTimeout:
+            pass
+
+async def task(i):
+    r = random.Random()
+    while True:
+        try:
+            async with eng.aserialized(timeout=r.choice([None, 0.001, 0.05])) as n:
+                obs.enter(n, f"a{i}")
+                try:
+                    await asyncio.sleep(r.random() * 0.002)
+                finally:
+                    obs.exit(n, f"a{i}")
+        except LockTimeout:
+            pass
+
+async def main():
+    tasks = [asyncio.create_task(task(i)) for i in range(15)]
+    r = random.Random()
+    while True:  # cancel a random task (waiting or holding) every 5 ms
+        await asyncio.sleep(0.005)
+        k = r.randrange(len(tasks))
+        tasks[k].cancel()
+        tasks[k] = asyncio.create_task(task(100 + k))
+
+for i in range(3):
+    threading.Thread(target=thread_worker, args=(i,), daemon=True).start()
+asyncio.run(main())
+'''
+
+
+@pytest.mark.timeout(180)
+def test_random_sigkills_of_processes_mixing_threads_and_tasks(state_dir: str, tmp_path: object) -> None:
+    """Three processes, each with 3 threads and 15 tasks (random timeouts, a task
+    cancelled every 5 ms), one of them SIGKILLed every 0-0.4 s for 5 s and replaced.
+    The independent observer (examples/_observer.py) sees no overlap; every marker
+    found on entry belonged to a killed process; the section is then entered at once."""
+    obsdir = os.path.join(str(tmp_path), "obs")
+    os.makedirs(obsdir)
+    ShmNonce.attach("ks", state_dir).close()
+    examples = os.path.join(ROOT, "examples")
+
+    def spawn() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", KILLED_WORKER, state_dir, obsdir, examples],
+                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+
+    procs = [spawn() for _ in range(3)]
+    killed: set[int] = set()
+    rng = random.Random(7)
+    end = time.monotonic() + 5.0
+    try:
+        while time.monotonic() < end:
+            time.sleep(rng.random() * 0.4)
+            i = rng.randrange(3)
+            os.kill(procs[i].pid, signal.SIGKILL)
+            procs[i].wait()
+            killed.add(procs[i].pid)
+            procs[i] = spawn()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+            killed.add(p.pid)
+    files = os.listdir(obsdir)
+    assert not [f for f in files if f.startswith("overlap-")], files
+    for f in files:
+        if f.startswith("collision-"):
+            with open(os.path.join(obsdir, f)) as fh:
+                assert int(fh.read().split()[0]) in killed, f
+    with ShmNonce.attach("ks", state_dir) as eng:
+        assert eng.stats()["section_entries"] > 200
+        t0 = time.monotonic()
+        with eng.serialized(timeout=5):
+            pass
+        assert time.monotonic() - t0 < 0.5
+        assert _live_tickets(eng) == []
+        eng.unlink()

@@ -547,8 +547,8 @@ class ShmNonce:
     def close(self) -> None:
         """Detach this process; the sequence and its values live on.
 
-        Raises NonceError while a thread of this process waits for or holds
-        ``serialized()`` through this handle (closing would release its section).
+        Raises NonceError while a thread or task of this process waits for or holds
+        the section through this handle (closing would release it).
         """
         with self._tlock:
             if self._closed:

@@ -1,0 +1,1 @@
+"""The Redis engine's internals; the public face is :mod:`shmnonce.redis`."""

@@ -100,6 +100,19 @@ def test_precision_above_2_53(eng: RedisNonce) -> None:
     assert eng.stats()["last_nonce"] == target + 3
 
 
+def test_next_survives_script_flush_and_killed_connections(eng: RedisNonce, server: RedisServer) -> None:
+    a = eng.next()
+    c = server.client()
+    c.script_flush()  # as after a server restart: the packed EVALSHA gets NOSCRIPT
+    b = eng.next()
+    c.client_kill_filter(_type="normal", skipme=True)  # every client connection dropped
+    d = eng.next()
+    with eng.serialized(timeout=5) as n:
+        pass
+    assert a < b < d < n < eng.next()
+    c.close()
+
+
 def test_end_of_range(eng: RedisNonce) -> None:
     eng.jump_forward(3_600 * 10**9)
     eng.jump_forward(MAX_VALUE - 2 - eng.peek())

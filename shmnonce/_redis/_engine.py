@@ -40,6 +40,8 @@ _MARGIN_S = 0.005
 _RECORD_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 _WAITING, _HELD, _LEFT = 0, 1, 2
+_NEW_POOL_API = tuple(int(p) for p in redis.__version__.split(".")[:2] if p.isdigit()) >= (5, 3)
+"""redis-py 5.3 deprecated the arguments of ConnectionPool.get_connection()."""
 
 _engines: weakref.WeakSet[RedisNonce] = weakref.WeakSet()
 
@@ -128,6 +130,13 @@ class RedisNonce:
             self._r.close()
             raise
         self._sec_keys = (self._k_seq, self._k_dead, self._k_lease, self._k_queue, self._k_alive)
+        self._pool: Any = self._r.connection_pool
+        conn: Any = self._pool.get_connection() if _NEW_POOL_API else self._pool.get_connection("EVALSHA")
+        try:
+            self._packed_issue: Any = conn.pack_command(
+                "EVALSHA", self._shas["issue"], 2, self._k_seq, self._k_dead, self._gen)
+        finally:
+            self._pool.release(conn)
         _engines.add(self)
 
     # -- construction ------------------------------------------------------------------
@@ -182,9 +191,32 @@ class RedisNonce:
 
     # -- values --------------------------------------------------------------------------
     def next(self) -> int:
-        """Issue ``max(last + 1, server time in ns)``: one script, one round trip."""
+        """Issue ``max(last + 1, server time in ns)``: one script, one round trip.
+
+        The command is packed once per handle and sent on a pooled connection; on
+        any trouble (connection lost, script cache flushed by a restart) the call
+        is repeated through redis-py's retrying path (a repeated script only skips
+        a value).
+        """
         if self._closed:
             raise self._unusable()
+        pool = self._pool
+        conn = pool.get_connection() if _NEW_POOL_API else pool.get_connection("EVALSHA")
+        try:
+            conn.send_packed_command(self._packed_issue, check_health=False)
+            v = conn.read_response()
+        except (rx.ConnectionError, rx.TimeoutError, OSError):
+            conn.disconnect()
+            return self._next_retrying()
+        except rx.NoScriptError:
+            return self._next_retrying()
+        except rx.RedisError as exc:
+            raise map_error(exc, self._where) from exc
+        finally:
+            pool.release(conn)
+        return int(v)
+
+    def _next_retrying(self) -> int:
         try:
             return int(self._eval("issue", (self._k_seq, self._k_dead), self._gen))
         except rx.RedisError as exc:

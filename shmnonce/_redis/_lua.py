@@ -29,20 +29,20 @@ MAX_VALUE = 2**63 - 1
 
 _PRELUDE = r"""
 local MAX = '9223372036854775807'
-local Z20 = '00000000000000000000'
-local function pad(s) return string.sub(Z20, 1, 20 - #s) .. s end
--- a >= b for decimal strings (byte-wise on equal lengths: no locale, no number)
+-- a >= b for canonical decimal strings: the longer is larger; equal lengths are
+-- compared byte by byte (no locale, no number)
 local function ge(a, b)
-  a = pad(a); b = pad(b)
-  for i = 1, 20 do
+  if #a ~= #b then return #a > #b end
+  for i = 1, #a do
     local x, y = string.byte(a, i), string.byte(b, i)
     if x ~= y then return x > y end
   end
   return true
 end
+-- canonical (no leading zero) and at most 2**63-1
 local function valid(s)
-  return type(s) == 'string' and #s >= 1 and #s <= 19 and string.find(s, '^%d+$') ~= nil
-    and ge(MAX, s)
+  return type(s) == 'string' and #s <= 19 and string.find(s, '^[1-9]%d*$') ~= nil
+    and (#s < 19 or ge(MAX, s)) or s == '0'
 end
 local function fail(kind, msg) error({err = 'SHMNONCE_' .. kind .. ' ' .. msg}) end
 -- server time: (ns string, microseconds as a number, microseconds string)
@@ -57,39 +57,38 @@ local function create(S, gen, now)
              'prev_us', '0', 'regressions', '0', 'qseq', '0', 'entries', '0', 'waits', '0',
              'lease_lost', '0', 'recreated', '0')
 end
--- the sequence of this handle's generation; re-created if Redis lost it
-local function check(S, D, gen, now)
-  local cur = redis.call('HGET', S, 'gen')
-  if cur == gen then
-    local last = redis.call('HGET', S, 'last')
-    if not valid(last) then fail('STATE', 'holds an invalid last value') end
-    return last
+-- last, previous clock reading (us) and total of this handle's generation; the
+-- sequence is created again under the same generation if Redis lost it
+local function load(S, D, gen, now)
+  local h = redis.call('HMGET', S, 'gen', 'last', 'prev_us', 'total')
+  if h[1] == gen then
+    if not valid(h[2]) then fail('STATE', 'holds an invalid last value') end
+    return h[2], tonumber(h[3]) or 0, tonumber(h[4]) or 0
   end
-  if cur then fail('STATE', 'was unlinked and created again; attach again') end
+  if h[1] then fail('STATE', 'was unlinked and created again; attach again') end
   if redis.call('SISMEMBER', D, gen) == 1 then fail('STATE', 'was unlinked; attach again') end
   -- gone without unlink (restart without persistence, failover, eviction):
   -- continue from the server clock under the same generation
   create(S, gen, now)
   redis.call('HSET', S, 'recreated', '1')
-  return '0'
+  return '0', 0, 0
 end
--- issue one value: max(last + 1, now)
+local function check(S, D, gen, now)
+  return (load(S, D, gen, now))
+end
+-- issue one value: max(last + 1, now). Three commands in the common case.
 local function issue(S, D, gen)
   local now, now_us, now_s = clock()
-  local last = check(S, D, gen, now)
-  local prev = tonumber(redis.call('HGET', S, 'prev_us') or '0') or 0
+  local last, prev, total = load(S, D, gen, now)
   if now_us + 1000 < prev then redis.call('HINCRBY', S, 'regressions', 1) end
-  local v
+  local v = now
   if ge(last, now) then
-    if ge(last, MAX) then fail('RANGE', 'reached 2**63-1, the largest value Redis holds') end
-    redis.call('HINCRBY', S, 'last', 1)
+    if last == MAX then fail('RANGE', 'reached 2**63-1, the largest value Redis holds') end
+    redis.call('HINCRBY', S, 'last', 1)  -- exact; its reply (a Lua number) is not used
     v = redis.call('HGET', S, 'last')
-    redis.call('HSET', S, 'prev_us', now_s)
-  else
-    v = now
-    redis.call('HSET', S, 'last', v, 'prev_us', now_s)
   end
-  redis.call('HINCRBY', S, 'total', 1)
+  -- total counts calls: below 2**53 for centuries, exact as a number
+  redis.call('HSET', S, 'last', v, 'prev_us', now_s, 'total', string.format('%d', total + 1))
   return v
 end
 """
@@ -148,7 +147,39 @@ check(S, D, gen, '0')
 return gen
 """
 
-ISSUE = _PRELUDE + r"""
+_FAST_ISSUE = r"""
+-- The common case inline (no function definitions run): this handle's generation,
+-- a valid last value below the server clock. Anything else takes issue() below.
+do
+  local S = KEYS[1]
+  local t = redis.call('TIME')
+  local us = t[2]
+  if #us < 6 then us = string.sub('000000', 1, 6 - #us) .. us end
+  local now_s = t[1] .. us
+  local now = now_s .. '000'
+  local h = redis.call('HMGET', S, 'gen', 'last', 'prev_us', 'total')
+  local last = h[2]
+  if h[1] == ARGV[1] and last and (last == '0' or string.find(last, '^[1-9]%d*$')) then
+    local below = #last < #now
+    if #last == #now then
+      for i = 1, #now do
+        local x, y = string.byte(last, i), string.byte(now, i)
+        if x ~= y then below = x < y break end
+      end
+    end
+    if below then  -- then now = max(last + 1, now), and now < 2**63-1
+      if tonumber(now_s) + 1000 < (tonumber(h[3]) or 0) then
+        redis.call('HINCRBY', S, 'regressions', 1)
+      end
+      redis.call('HSET', S, 'last', now, 'prev_us', now_s,
+                 'total', string.format('%d', (tonumber(h[4]) or 0) + 1))
+      return now
+    end
+  end
+end
+"""
+
+ISSUE = _FAST_ISSUE + _PRELUDE + r"""
 -- KEYS: S, D; ARGV[1] gen
 return issue(KEYS[1], KEYS[2], ARGV[1])
 """

@@ -24,6 +24,16 @@ __all__ = ["REDIS_SERVER", "RedisServer", "free_port"]
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
+def _self_signed(directory: str) -> None:
+    """A self-signed certificate for 127.0.0.1 (openssl), as cert.pem and key.pem."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", os.path.join(directory, "key.pem"), "-out", os.path.join(directory, "cert.pem"),
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -36,10 +46,15 @@ class RedisServer:
     """One redis-server process in ``directory`` (started by the constructor)."""
 
     def __init__(self, directory: str, *, aof: bool = False, password: str | None = None,
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), tls: bool = False) -> None:
         self.dir = directory
         os.makedirs(directory, exist_ok=True)
         self.aof = aof
+        self.tls = tls
+        self.tls_port = 0
+        self.cert = os.path.join(directory, "cert.pem")
+        if tls:
+            _self_signed(directory)
         self.password = password
         self.extra = list(extra)
         self.socket = os.path.join(directory, "redis.sock")
@@ -59,6 +74,10 @@ class RedisServer:
             lines += ["appendonly no"]
         if self.password is not None:
             lines.append(f"requirepass {self.password}")
+        if self.tls:
+            lines += [f"tls-port {self.tls_port}", f"tls-cert-file {self.cert}",
+                      f"tls-key-file {self.dir}/key.pem", f"tls-ca-cert-file {self.cert}",
+                      "tls-auth-clients no"]
         lines += self.extra
         return "\n".join(lines) + "\n"
 
@@ -66,6 +85,7 @@ class RedisServer:
         """Start (again) on a new free port; the directory, and so any AOF, is kept."""
         for _attempt in range(5):
             self.port = free_port()
+            self.tls_port = free_port() if self.tls else 0
             conf = os.path.join(self.dir, "redis.conf")
             with open(conf, "w") as f:
                 f.write(self._config())
@@ -108,6 +128,11 @@ class RedisServer:
     def url(self) -> str:
         """``redis://`` on the loopback port (with the password, if any)."""
         return f"redis://{self._auth()}127.0.0.1:{self.port}/0"
+
+    @property
+    def tls_url(self) -> str:
+        """``rediss://`` on the TLS port, verifying the server with its self-signed cert."""
+        return f"rediss://{self._auth()}127.0.0.1:{self.tls_port}/0?ssl_ca_certs={self.cert}"
 
     @property
     def unix_url(self) -> str:

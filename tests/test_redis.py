@@ -255,6 +255,25 @@ def test_password_and_acl_user(tmp_path: Any) -> None:
         assert found["persistence"].status == "warn" and "cannot read" in found["persistence"].message
 
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed for a test certificate")
+def test_tls(tmp_path: Any) -> None:
+    """rediss:// with certificate verification, sync and asyncio; a wrong CA is refused."""
+    with RedisServer(str(tmp_path / "tls"), tls=True) as srv:
+        e = RedisNonce.attach("tls", url=srv.tls_url, lease_s=0.5)
+        n = e.next()
+        with e.serialized(timeout=5) as m:
+            assert m > n
+
+        async def main() -> int:
+            async with e.aserialized(timeout=5) as k:
+                return k
+
+        assert asyncio.run(main()) > m
+        e.unlink()
+        with pytest.raises(RedisUnavailable):
+            RedisNonce.attach("tls", url=f"rediss://127.0.0.1:{srv.tls_port}/0")  # system CAs
+
+
 def test_lost_data_continues_from_clock(eng: RedisNonce, server: RedisServer) -> None:
     """The sequence's keys gone without unlink (restart without persistence, eviction)."""
     before = eng.next()

@@ -50,7 +50,7 @@ def redact(url: str) -> str:
     if any(k == "password" for k, _ in query):
         query = [(k, "***" if k == "password" else v) for k, v in query]
     text = f"{parts.scheme}://{netloc}{parts.path}"
-    return text + ("?" + urllib.parse.urlencode(query, safe="*") if query else "")
+    return text + ("?" + urllib.parse.urlencode(query, safe="*/") if query else "")
 
 
 def sync_client(url: str) -> redis.Redis:

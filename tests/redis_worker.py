@@ -158,6 +158,7 @@ def main() -> None:
             if spec.get("send"):
                 info["errors"] = _private(spec, ticket.nonce)
             ticket.leave()
+            info["t_left"] = time.time()
             info["lost"] = ticket.lost
             out = spec["out"] + (".done" if mode == "hold" else "")
             with open(out + ".tmp", "w") as f:

@@ -176,6 +176,45 @@ def test_holder_killed_inside(server: RedisServer, hosts: Hosts, tmp_path: Any) 
         e.unlink()
 
 
+def _queue_length(url: str, name: str) -> int:
+    with RedisNonce.attach(name, url=url) as e:
+        n = e.stats()["section_queue"]
+        assert isinstance(n, int)
+        return n
+
+
+def _wait_queue(url: str, name: str, length: int) -> None:
+    deadline = time.monotonic() + 30
+    while _queue_length(url, name) < length:
+        assert time.monotonic() < deadline, "waiter never queued"
+        time.sleep(0.01)
+
+
+def test_waiter_killed_while_queued(server: RedisServer, hosts: Hosts, tmp_path: Any) -> None:
+    """A waiter SIGKILLed in the queue delays the next one by at most about lease_s."""
+    base = {"name": "deadwaiter", "url": server.url, "lease_s": LEASE_S}
+    hosts.start(0, {**base, "mode": "hold", "out": str(tmp_path / "a"), "go": str(tmp_path / "go")})
+    a_in = _wait_file(str(tmp_path / "a"))
+    b = hosts.start(1, {**base, "mode": "enter", "out": str(tmp_path / "b"), "timeout": 60})
+    _wait_queue(server.url, "deadwaiter", 1)
+    hosts.start(2, {**base, "mode": "enter", "url": server.unix_url, "out": str(tmp_path / "c"),
+                    "timeout": 60})
+    _wait_queue(server.url, "deadwaiter", 2)
+    os.kill(b.pid, signal.SIGKILL)  # dead, still first in the queue
+    b.wait(10)
+    hosts.procs.remove(b)
+    (tmp_path / "go").write_text("")
+    a_done = _wait_file(str(tmp_path / "a.done"))
+    c = _wait_file(str(tmp_path / "c"))
+    hosts.wait()
+    assert not os.path.exists(tmp_path / "b")
+    assert c["nonce"] > a_in["nonce"]
+    assert 0 < c["t"] - a_done["t_left"] <= LEASE_S + BOUND_S
+    with RedisNonce.attach("deadwaiter", url=server.url) as e:
+        assert e.stats()["section_queue"] == 0
+        e.unlink()
+
+
 def test_paused_holder_rejected_as_stale(server: RedisServer, hosts: Hosts, tmp_path: Any) -> None:
     """SIGSTOP a holder past its lease; the next host enters and sends; the paused one,
     continued, sends its older nonce and the exchange rejects it (fencing token)."""

@@ -378,7 +378,7 @@ def test_timeout_and_next_never_waits(eng: RedisNonce) -> None:
     t0 = time.monotonic()
     with pytest.raises(LockTimeout):
         eng.enter(timeout=0.2)
-    assert 0.18 <= time.monotonic() - t0 < 1.0
+    assert 0.18 <= time.monotonic() - t0 < 5.0  # never early; late only under load
     with pytest.raises(LockTimeout):
         eng.enter(timeout=0)
     t0 = time.monotonic()

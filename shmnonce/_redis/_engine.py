@@ -297,7 +297,9 @@ class RedisNonce:
             try:
                 states = self._eval("renew", (self._k_lease, self._k_queue, self._k_alive),
                                     self._lease_ms, *(t.token for t in tickets))
-            except (rx.RedisError, OSError) as exc:
+            except Exception as exc:  # the thread must not die while tickets need it
+                if stop.is_set():
+                    return  # the handle was closed meanwhile
                 log.warning("%s: renewing the section lease failed (%s); it expires after "
                             "%.1f s unless a later renewal gets through", self._where, exc, self.lease_s)
                 continue
@@ -545,6 +547,9 @@ class RedisNonce:
                                  "waited for through this handle")
             self._closed = True
             self._stop.set()
+            renewer, self._renewer = self._renewer, None
+        if renewer is not None and renewer is not threading.current_thread():
+            renewer.join(10)  # it may be half-way through a renewal on a pooled connection
         self._r.close()
         _engines.discard(self)
 

@@ -542,16 +542,20 @@ def _hold_in_child(url: str, name: str, hold_s: float, started: Any) -> None:
 
 
 def test_aserialized_never_blocks_the_loop(eng: RedisNonce, url: str) -> None:
-    """Another process holds the section 300 ms at a time; a 5 ms heartbeat stays on time.
+    """Another process holds the section 300 ms at a time while this loop waits for it in
+    aserialized(); a 5 ms heartbeat task of the same loop keeps running.
 
-    A waiter that blocked the loop would delay one heartbeat by about a hold each
-    round; the bound (half a hold) leaves room for scheduling delays on a loaded
-    machine (seen up to 57 ms with load average 9 on 2 cores).
+    A waiter that blocked the loop delays a heartbeat by about a hold in every round.
+    The worst lag of each of 5 rounds is taken and their median must stay under half
+    a hold: one round hit by a scheduling stall of the loaded machine (seen: 0.18 s
+    with load average 11 on 2 cores) cannot fail the test, a blocking wait always does
+    (checked by making the wait a sync BLPOP: every round ~0.3 s).
     """
     ctx = multiprocessing.get_context("spawn")
-    lags: list[float] = []
+    round_max: list[float] = []
 
     async def main() -> None:
+        lags: list[float] = []
         stop = False
 
         async def heartbeat() -> None:
@@ -561,19 +565,23 @@ def test_aserialized_never_blocks_the_loop(eng: RedisNonce, url: str) -> None:
                 lags.append(time.monotonic() - t0 - 0.005)
 
         hb = asyncio.ensure_future(heartbeat())
-        for _ in range(3):
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
             started = ctx.Event()
             p = ctx.Process(target=_hold_in_child, args=(url, eng.name, HOLD_S, started))
-            await asyncio.get_running_loop().run_in_executor(None, p.start)  # spawning blocks
-            await asyncio.get_running_loop().run_in_executor(None, started.wait, 30)
+            await loop.run_in_executor(None, p.start)  # spawning blocks
+            await loop.run_in_executor(None, started.wait, 30)
+            lags.clear()
             async with eng.aserialized(timeout=10):
                 pass
-            await asyncio.get_running_loop().run_in_executor(None, p.join, 30)
+            round_max.append(max(lags, default=0.0))
+            await loop.run_in_executor(None, p.join, 30)
         stop = True
         await hb
 
     asyncio.run(main())
-    assert lags and max(lags) < HOLD_S / 2, max(lags)
+    assert sorted(round_max)[2] < HOLD_S / 2, round_max
+    assert min(round_max) < HOLD_S / 2, round_max
 
 
 def test_doctor(tmp_path: Any) -> None:

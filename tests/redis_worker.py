@@ -11,6 +11,7 @@ Modes (``spec["mode"]``):
 ``section``  ``n`` sections with ``serialized()`` (or ``aserialized()`` in ``tasks``
              asyncio tasks with ``"async": true``): inside, an O_EXCL marker in
              ``shared`` (an overlap fails it), the nonce appended to ``shared/log``.
+``record``   ``n`` read-modify-writes of the record ``kraken.counter`` (+1, +3).
 ``hold``     enter, write ``{"nonce": n, "t": time}`` to ``out``, then wait until
              ``go`` exists; with ``send`` sign a Kraken private call with the nonce and
              write the server's answer; leave.
@@ -130,6 +131,11 @@ def main() -> None:
             with open(spec["out"], "w") as f:
                 f.write("\n".join(map(str, values)) + "\n")
                 f.write(f"shm_private {int(not os.listdir('/dev/shm'))}\n")
+        elif mode == "record":
+            rec = eng.record("kraken.counter", 2)
+            _wait_start(spec)
+            for _ in range(spec["n"]):
+                rec.update(lambda v: ([(v or [0, 0])[0] + 1, (v or [0, 0])[1] + 3], None))
         elif mode == "section" and not spec.get("async"):
             _wait_start(spec)
             for _ in range(spec["n"]):

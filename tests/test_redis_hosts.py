@@ -120,6 +120,19 @@ def test_no_duplicate_across_hosts(server: RedisServer, hosts: Hosts, tmp_path: 
         e.unlink()
 
 
+def test_record_updates_across_hosts(server: RedisServer, hosts: Hosts, tmp_path: Any) -> None:
+    """3 hosts x 2 processes x 300 record updates: none lost (the counters equal N x P)."""
+    start_at = time.time() + 2.0
+    for h in range(3):
+        for p in range(2):
+            hosts.start(h, {"mode": "record", "name": "rec", "n": 300, "start_at": start_at,
+                            "url": server.url if p == 0 else server.unix_url})
+    hosts.wait()
+    with RedisNonce.attach("rec", url=server.url) as e:
+        assert e.record("kraken.counter", 2).read() == [1800, 5400]
+        e.unlink()
+
+
 @pytest.mark.parametrize("mix", ["sync", "async", "mixed"])
 def test_sections_never_overlap_across_hosts(server: RedisServer, hosts: Hosts, tmp_path: Any,
                                              mix: str) -> None:

@@ -13,7 +13,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 import redis.asyncio
@@ -21,7 +21,7 @@ import redis.exceptions as rx
 
 from .._errors import LockTimeout, NonceError, StateError
 from .._paths import api_key_name, validate_name
-from .._protocol import ENV_URL, Update
+from .._protocol import ENV_URL, NonceEngine, Section, SharedRecord, Update
 from . import _lua
 from ._conn import async_client, check_url, map_error, redact, sync_client
 
@@ -684,3 +684,15 @@ def _reattach(name: str, url: str, lease_s: float) -> RedisNonce:
 
 
 _ATTACH = object()
+
+
+if TYPE_CHECKING:  # mypy proves that the classes implement the engine protocols
+
+    def _is_engine(e: RedisNonce) -> NonceEngine:
+        return e
+
+    def _is_section(s: RedisSection) -> Section:
+        return s
+
+    def _is_record(r: RedisRecord) -> SharedRecord:
+        return r

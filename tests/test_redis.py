@@ -29,7 +29,7 @@ from shmnonce.redis import MAX_VALUE, RedisNonce, RedisUnavailable, check_server
 from tests.redis_server import REDIS_SERVER, RedisServer
 
 ACL_RULES = (  # docs/redis.md recommends exactly these rules
-    "~shmnonce:* resetchannels -@all +ping +time +evalsha +eval +script|load +blpop +hmget "
+    "~shmnonce:* resetchannels -@all +ping +time +evalsha +script|load +blpop +hmget "
     "+hgetall +zcard +pttl +sismember +get +set +sadd +watch +multi +exec +unwatch "
     "+hget +hset +hincrby +hdel +del +type +smembers +zrange +zadd +zrem +zscore +exists "
     "+pexpire +lpop +rpush"
@@ -272,6 +272,15 @@ def test_tls(tmp_path: Any) -> None:
         e.unlink()
         with pytest.raises(RedisUnavailable):
             RedisNonce.attach("tls", url=f"rediss://127.0.0.1:{srv.tls_port}/0")  # system CAs
+
+
+def test_docs_acl_is_the_tested_one() -> None:
+    """docs/redis.md recommends exactly the rules test_password_and_acl_user runs under."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "redis.md")
+    with open(path) as f:
+        text = f.read()
+    block = text.split("ACL SETUSER bot on >LONG-RANDOM-PASSWORD", 1)[1].split("```", 1)[0]
+    assert set(block.split()) == set(ACL_RULES.split())
 
 
 def test_lost_data_continues_from_clock(eng: RedisNonce, server: RedisServer) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from shmnonce._paths import api_key_name
 from shmnonce.redis import RedisNonce
 from tests.kraken_server import ServerProcess
 from tests.redis_server import REDIS_SERVER, RedisServer
@@ -174,6 +175,7 @@ def test_holder_killed_inside(server: RedisServer, hosts: Hosts, tmp_path: Any) 
     waiter_out = str(tmp_path / "waiter")
     hosts.start(1, {**base, "mode": "enter", "url": server.unix_url, "out": waiter_out,
                     "timeout": 60})
+    _wait_queue(server.url, "killed", 1)
     time.sleep(3 * LEASE_S)  # renewed: the waiter must still be outside
     assert not os.path.exists(waiter_out)
     killed_at = time.time()
@@ -238,10 +240,12 @@ def test_paused_holder_rejected_as_stale(server: RedisServer, hosts: Hosts, tmp_
         a = hosts.start(0, {**base, "mode": "hold", "out": str(tmp_path / "a"),
                             "go": str(tmp_path / "go")})
         a_in = _wait_file(str(tmp_path / "a"))
-        os.kill(a.pid, signal.SIGSTOP)  # paused inside, before sending
-        paused_at = time.time()
         hosts.start(1, {**base, "mode": "enter", "url": server.unix_url,
                         "out": str(tmp_path / "b"), "timeout": 30})
+        name = api_key_name(key)
+        _wait_queue(server.url, name, 1)  # B waits behind A
+        os.kill(a.pid, signal.SIGSTOP)  # paused inside, before sending
+        paused_at = time.time()
         b = _wait_file(str(tmp_path / "b"))
         assert b["t"] - paused_at <= LEASE_S + BOUND_S
         assert b["nonce"] > a_in["nonce"]

@@ -208,8 +208,8 @@ return v
 ENTER = _PRELUDE + _SECTION + r"""
 -- ARGV[3] token, ARGV[4] lease_ms. Returns {1, nonce} when entered, else {0, lease pttl}.
 local tok, lease_ms = ARGV[3], ARGV[4]
-local _, now_us = clock()
-if redis.call('GET', L) == tok then
+local cur = redis.call('GET', L)
+if cur == tok then
   -- granted by a hand-off whose message we have not read yet
   local n = redis.call('LPOP', box .. tok)
   redis.call('DEL', box .. tok)
@@ -217,6 +217,14 @@ if redis.call('GET', L) == tok then
   n = issue(S, D, gen)
   return {1, n}
 end
+if not cur and redis.call('ZCARD', Q) == 0 then
+  -- nobody holds or waits: enter without queueing
+  local n = issue(S, D, gen)
+  redis.call('SET', L, tok, 'PX', lease_ms)
+  redis.call('HINCRBY', S, 'entries', 1)
+  return {1, n}
+end
+local _, now_us = clock()
 check(S, D, gen, clock())
 redis.call('HSET', A, tok, string.format('%d', now_us + 1000 * tonumber(lease_ms)) .. ':' .. lease_ms)
 local queued = redis.call('ZSCORE', Q, tok)
@@ -224,7 +232,7 @@ if not queued then
   local seq = redis.call('HINCRBY', S, 'qseq', 1)
   redis.call('ZADD', Q, seq, tok)
 end
-if redis.call('EXISTS', L) == 0 then
+if not cur then
   local head, head_lease = first_live(now_us)
   if head == tok then return {1, grant(tok, lease_ms)} end
   if head then
@@ -243,21 +251,24 @@ LEAVE = _PRELUDE + _SECTION + r"""
 -- ARGV[3] token, ARGV[4] '1' if the caller held the section. Leaves or withdraws;
 -- returns 1 if the token held the lease (it is handed to the next live waiter).
 local tok, was_held = ARGV[3], ARGV[4]
-local _, now_us = clock()
-redis.call('ZREM', Q, tok)
-redis.call('HDEL', A, tok)
-redis.call('DEL', box .. tok)
 local cur = redis.call('GET', L)
-local held = 0
+redis.call('DEL', box .. tok)
 if cur == tok then
   redis.call('DEL', L)
-  held = 1
-  cur = false
-elseif was_held == '1' then
-  redis.call('HINCRBY', S, 'lease_lost', 1)
+  if redis.call('ZCARD', Q) > 0 then
+    local _, now_us = clock()
+    hand_off(now_us)
+  end
+  return 1
 end
-if not cur then hand_off(now_us) end
-return held
+redis.call('ZREM', Q, tok)
+redis.call('HDEL', A, tok)
+if was_held == '1' then redis.call('HINCRBY', S, 'lease_lost', 1) end
+if not cur then
+  local _, now_us = clock()
+  hand_off(now_us)
+end
+return 0
 """
 
 RENEW = r"""

@@ -17,6 +17,7 @@ accepted as this sequence's and rewritten as version 2 by the next attach.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
@@ -24,6 +25,7 @@ import time
 import zlib
 from typing import NamedTuple
 
+from . import _posix as backend
 from ._errors import StateError
 
 __all__ = ["Ceiling", "read_ceiling", "sequence_id", "write_ceiling"]
@@ -74,13 +76,21 @@ def _repair_hint(path: str) -> str:
 
 def read_ceiling(path: str) -> Ceiling | None:
     """Read and validate the ceiling file; None if it does not exist, StateError if bad."""
+    fix = (
+        f"if it is not a regular file of this user (a directory, FIFO, symlink, another "
+        f"user's file), remove it (rm -r {path}) and then: {_repair_hint(path)}; if it is "
+        f"this user's file with a wrong mode, chmod 600 {path}"
+    )
     try:
-        with open(path, "rb") as fh:
-            data = fh.read(SIZE + 1)
+        fd = backend.open_state_file(path, f"persisted ceiling {path!r}", fix, create=False, write=False)
     except FileNotFoundError:
         return None
+    try:
+        data = os.read(fd, SIZE + 1)
     except OSError as exc:
         raise StateError(f"cannot read persisted ceiling {path!r}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
     version = struct.unpack_from("<I", data, 8)[0] if len(data) >= 12 else None
     expected = SIZE_V1 if version == 1 else SIZE
     if len(data) != expected:
@@ -126,7 +136,9 @@ def write_ceiling(path: str, limit: int, segment_id: int) -> None:
     body = _BODY.pack(MAGIC, VERSION, 0, limit, segment_id, time.time_ns(), _identity(path)[0])
     data = body + _CRC.pack(zlib.crc32(body))
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # left by a killed writer (or anything else): never opened, so never blocks
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         os.fchmod(fd, 0o600)
         if os.write(fd, data) != len(data):

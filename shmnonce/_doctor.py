@@ -33,16 +33,18 @@ Checks, each reported as ``ok``, ``warn`` or ``error``:
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import stat
 import time
 from dataclasses import dataclass, field
 
+from . import _posix as backend
 from ._ceiling import Ceiling, read_ceiling
 from ._engine import LEASE_NS, REGRESSION_NS
 from ._errors import StateError
-from ._paths import default_state_dir, segment_name, validate_name
+from ._paths import check_parents, default_state_dir, segment_name, validate_name
 from ._procinfo import scan_attached
 from ._segment import (
     FLAG_UNLINKED,
@@ -56,6 +58,7 @@ from ._segment import (
     Header,
     Record,
     header_check,
+    owner_fix,
     read_name,
     read_record,
     read_state_dir,
@@ -119,20 +122,30 @@ class _Snapshot:
     state_dir: str | None
     record: Record | None  # None: differs from its mirror
     raw_last: int  # the record's last value as stored, checked or not
+    uid: int
+    mode: int
 
 
 def _read_snapshot(shm: str) -> _Snapshot | str | None:
     """The segment's header, or a problem description, or None if absent.
 
-    PermissionError propagates (another user's segment).
+    PermissionError propagates (another user's segment). Opened non-blocking and
+    type-checked, so a FIFO in its place cannot hang the doctor.
     """
     path = f"/dev/shm/{shm}"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise
+        return backend.describe_open_error(exc, path)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file (a FIFO, device or socket in place of a segment)"
+        size = st.st_size
         if size != SIZE:
             return f"has {size} bytes, expected {SIZE}"
         with mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ) as buf:
@@ -145,7 +158,8 @@ def _read_snapshot(shm: str) -> _Snapshot | str | None:
                 return "fails its header checksum (corrupted)"
             record = _stable_record(buf)
             raw_last = Record(*RECORD.unpack_from(buf, RECORD_OFFSET)).last
-            return _Snapshot(header, read_name(buf), read_state_dir(buf), record, raw_last)
+            return _Snapshot(header, read_name(buf), read_state_dir(buf), record, raw_last,
+                             st.st_uid, stat.S_IMODE(st.st_mode))
     finally:
         os.close(fd)
 
@@ -182,18 +196,23 @@ def _check_state_dir(rep: DoctorReport, must_exist: bool) -> bool:
     mode = stat.S_IMODE(st.st_mode)
     details: dict[str, object] = {"path": path, "mode": _mode(st), "uid": st.st_uid}
     if st.st_uid != os.geteuid():
-        rep.add("state_dir", WARN, f"state directory {path} is owned by uid {st.st_uid}, not by this "
-                f"user (uid {os.geteuid()})", **details)
+        rep.add("state_dir", ERROR, f"state directory {path} is owned by uid {st.st_uid}, not by this "
+                f"user (uid {os.geteuid()}): attach refuses it; use a directory of your own "
+                "(SHMNONCE_STATE_DIR or state_dir=)", **details)
     if mode & 0o022:
         rep.add("state_dir", ERROR, f"state directory {path} is writable by group or others (mode "
-                f"{_mode(st)}): another user could replace the persisted ceiling; chmod 700 {path}",
-                **details)
+                f"{_mode(st)}): another user could replace the persisted ceiling, and attach "
+                f"refuses it; chmod 700 {path}", **details)
     elif mode & 0o055:
         rep.add("state_dir", WARN, f"state directory {path} is readable by group or others (mode "
                 f"{_mode(st)}); chmod 700 {path}", **details)
     if not os.access(path, os.W_OK | os.X_OK):
         rep.add("state_dir", ERROR, f"state directory {path} is not writable by this user: attach "
                 "fails", **details)
+    try:
+        check_parents(path, f"state directory {path}")
+    except StateError as exc:
+        rep.add("state_dir", ERROR, f"{exc} (attach refuses it)", **details)
     if not any(f.check == "state_dir" for f in rep.findings):
         rep.add("state_dir", OK, f"state directory {path} is a directory owned by this user, mode "
                 f"{_mode(st)}", **details)
@@ -211,18 +230,20 @@ def _check_files(rep: DoctorReport, name: str) -> None:
             continue
         seen.append(path)
         if stat.S_ISLNK(st.st_mode):
-            rep.add("files", ERROR, f"{path} is a symbolic link; shmnonce refuses to follow it",
-                    name, path=path)
+            rep.add("files", ERROR, f"{path} is a symbolic link; shmnonce refuses to follow it: "
+                    f"remove it (rm {path}) and run 'shmnonce drop-segment {name}'", name, path=path)
             problems.append(path)
         elif not stat.S_ISREG(st.st_mode):
-            rep.add("files", ERROR, f"{path} is not a regular file", name, path=path)
+            rep.add("files", ERROR, f"{path} is not a regular file (a directory, FIFO or device): "
+                    f"remove it (rm -r {path}) and run 'shmnonce drop-segment {name}'", name, path=path)
             problems.append(path)
         elif st.st_uid != os.geteuid():
-            rep.add("files", WARN, f"{path} is owned by uid {st.st_uid}, not by this user", name,
-                    path=path, uid=st.st_uid)
+            rep.add("files", ERROR, f"{path} is owned by uid {st.st_uid}, not by this user: attach "
+                    f"refuses it; stop the sequence's processes, remove it (rm {path}) and run "
+                    f"'shmnonce drop-segment {name}'", name, path=path, uid=st.st_uid)
             problems.append(path)
         elif stat.S_IMODE(st.st_mode) & 0o077:
-            rep.add("files", WARN, f"{path} has mode {_mode(st)}; expected 0o600 (chmod 600 {path})",
+            rep.add("files", ERROR, f"{path} has mode {_mode(st)}: attach refuses it; chmod 600 {path}",
                     name, path=path, mode=_mode(st))
             problems.append(path)
     if not problems:
@@ -241,9 +262,15 @@ def _check_sequence(rep: DoctorReport, name: str, now: int) -> None:
         ceiling, ceiling_error = None, str(exc)
     try:
         snap = _read_snapshot(shm)
-    except PermissionError:
-        rep.add("ceiling", ERROR, f"segment /dev/shm/{shm} of {name!r} is not readable by this user",
-                name, segment=shm)
+    except PermissionError as exc:
+        rep.add("ceiling", ERROR, f"segment /dev/shm/{shm} of {name!r} "
+                f"{backend.describe_open_error(exc, '/dev/shm/' + shm)}: attach refuses it; "
+                f"{owner_fix(shm, name, rep.state_dir)}", name, segment=shm)
+        return
+    if isinstance(snap, _Snapshot) and (snap.uid != os.geteuid() or snap.mode & 0o077):
+        rep.add("ceiling", ERROR, f"segment /dev/shm/{shm} of {name!r} belongs to uid {snap.uid} with "
+                f"mode {snap.mode:04o}, not privately to this user: attach refuses it; "
+                f"{owner_fix(shm, name, rep.state_dir)}", name, segment=shm, uid=snap.uid)
         return
     if isinstance(snap, str):
         rep.add("ceiling", ERROR, f"segment /dev/shm/{shm} of {name!r} {snap}; stop its users and run "

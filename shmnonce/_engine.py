@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -15,7 +16,8 @@ from typing import Any
 from . import _posix as backend
 from ._ceiling import Ceiling, read_ceiling, write_ceiling
 from ._errors import NonceError, StateError
-from ._paths import api_key_name, resolve_state_dir, segment_name, validate_name
+from ._keyindex import Holder, claim, is_key_name, lookup, release
+from ._paths import api_key_name, resolve_state_dir, segment_name, state_dir_path, validate_name
 from ._queue import SectionQueue, ShmSection, others_attached
 from ._repair import remove_state
 from ._segment import (
@@ -29,7 +31,9 @@ from ._segment import (
     SIZE,
     U64_MAX,
     Record,
+    Segment,
     open_segment,
+    owner_fix,
     read_record,
     record_views,
     write_record,
@@ -108,7 +112,9 @@ class ShmNonce:
 
     _clock = staticmethod(time.time_ns)  # tests replace it to step the clock
 
-    def __init__(self, name: str, state_dir: str, *, _token: object = None) -> None:
+    def __init__(
+        self, name: str, state_dir: str, *, _token: object = None, _create: bool = True
+    ) -> None:
         if _token is not _ATTACH:
             raise TypeError("use ShmNonce.attach(name) or ShmNonce.for_api_key(key)")
         self.name = name
@@ -125,6 +131,7 @@ class ShmNonce:
         self._rec = self._mirror = memoryview(b"")
         self._deferred: list[tuple[Any, ...]] = []
         self._counter = _CounterLock(self)
+        self._create = _create
         # Under the registry lock: a fork() now would copy descriptors no hook knows about.
         with _registry:
             for _attempt in range(10):
@@ -145,21 +152,17 @@ class ShmNonce:
         between opening it and locking it: a segment bound to a removed file would
         refuse every later attacher.
         """
-        self._fd = self._open_lock(self._lock_path)
+        self._fd = self._open_state(self._lock_path)
         qfd = -1
         attached = False
         try:
-            qfd = self._open_lock(self._queue_path)
+            qfd = self._open_state(self._queue_path)
             with self._short_lock():
                 if not (_is_at(self._fd, self._lock_path) and _is_at(qfd, self._queue_path)):
                     return False
                 # Read the ceiling first: never create a segment over unreadable state.
                 ceiling = read_ceiling(self._ceiling_path)
-                self._seg = open_segment(
-                    self.segment_name, self.name, self.state_dir, os.fstat(self._fd),
-                    os.fstat(qfd), 0 if ceiling is None else ceiling.limit,
-                    lambda why: self._refuse_if_others_attached(qfd, why),
-                )
+                self._seg = self._open_segment(qfd, 0 if ceiling is None else ceiling.limit)
                 self._buf = self._seg.buf
                 try:
                     self._queue = SectionQueue(
@@ -183,6 +186,35 @@ class ShmNonce:
                     os.close(qfd)
                 os.close(self._fd)
                 self._fd = -1
+
+    def _open_segment(self, qfd: int, resume_above: int) -> Segment:
+        """``open_segment``, with a failure to open or create the name as StateError."""
+        def before_create(why: str) -> None:
+            if not self._create:
+                raise NoSegment(
+                    f"sequence {self.name!r} has no usable segment (/dev/shm/{self.segment_name} "
+                    f"{why})"
+                )
+            self._refuse_if_others_attached(qfd, why)
+
+        try:
+            return open_segment(
+                self.segment_name, self.name, self.state_dir, os.fstat(self._fd), os.fstat(qfd),
+                resume_above, before_create,
+            )
+        except OSError as exc:
+            path = f"/dev/shm/{self.segment_name}"
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                fix = (
+                    "free memory in /dev/shm (a tmpfs: see 'df /dev/shm'; remove leftover "
+                    "segments with 'shmnonce doctor'), then attach again"
+                )
+            else:
+                fix = owner_fix(self.segment_name, self.name, self.state_dir)
+            raise StateError(
+                f"shared-memory segment {path} of sequence {self.name!r} "
+                f"{backend.describe_open_error(exc, path)}; {fix}"
+            ) from None
 
     def _refuse_if_others_attached(self, qfd: int, why: str) -> None:
         """Before creating or replacing a segment: nobody may still use the old one.
@@ -213,23 +245,78 @@ class ShmNonce:
     # -- construction ----------------------------------------------------------------
     @classmethod
     def attach(cls, name: str, state_dir: str | os.PathLike[str] | None = None) -> ShmNonce:
-        """Create or attach the sequence ``name`` in ``state_dir`` (see the contract)."""
+        """Create or attach the sequence ``name`` in ``state_dir`` (see the contract).
+
+        A name made from an API key (``key-<hash>``) is also registered in the host-wide
+        key index, and refused (StateError) if the index gives it to another state
+        directory or user: one key, one sequence per host.
+        """
         validate_name(name)
-        return cls(name, resolve_state_dir(state_dir), _token=_ATTACH)
+        sd = resolve_state_dir(state_dir, name)
+        if is_key_name(name):
+            _refuse_elsewhere(name, sd, claim(name, sd))
+        return cls(name, sd, _token=_ATTACH)
 
     @classmethod
     def for_api_key(
         cls, api_key: str | bytes, state_dir: str | os.PathLike[str] | None = None
     ) -> ShmNonce:
-        """The sequence of one API key, named from a salted hash of the key."""
-        return cls.attach(api_key_name(api_key), state_dir)
+        """The one sequence of an API key on this host, named from a salted hash of the key.
+
+        If this user's sequence of the key lives in another state directory (the
+        host-wide key index says where), that one is attached, whatever ``state_dir``
+        says; if it is another user's, StateError names that user and directory.
+        """
+        name = api_key_name(api_key)
+        wanted = state_dir_path(state_dir)
+        holder = lookup(name)
+        if holder is not None and holder.uid != os.geteuid():
+            _refuse_elsewhere(name, wanted, holder)
+        if holder is not None and holder.state_dir != wanted:
+            if _has_state(wanted, name):
+                raise StateError(_two_sequences(name, wanted, holder))
+            log.warning(
+                "API-key sequence %s lives in %s (host-wide key index %s); using it instead of "
+                "%s: set the same state directory everywhere to silence this",
+                name, holder.state_dir, holder.entry, wanted,
+            )
+            wanted = holder.state_dir
+        return cls.attach(name, wanted)
+
+    @classmethod
+    def _inspect(cls, name: str, state_dir: str | os.PathLike[str] | None) -> ShmNonce:
+        """Attach an existing live segment without creating anything (``shmnonce status``).
+
+        Raises NoSegment when the sequence has no segment, FileNotFoundError when the
+        state directory or a lock file is missing.
+        """
+        validate_name(name)
+        return cls(name, resolve_state_dir(state_dir, name, create=False), _token=_ATTACH,
+                   _create=False)
+
+    @staticmethod
+    def _lock_file_text(path: str) -> tuple[str, str]:
+        """(what, fix) for a refused lock or queue file ``<state_dir>/<name>.<kind>``."""
+        sd, base = os.path.split(path)
+        name, kind = os.path.splitext(base)
+        what = f"{kind[1:]} file {path} of sequence {name!r}"
+        fix = (
+            f"if it is this user's regular file, chmod 600 {path}; otherwise stop the "
+            f"processes of {name!r}, remove it (rm -r {path}) and run 'shmnonce drop-segment "
+            f"{name} --state-dir {sd}' (keeps the persisted ceiling; the next attach creates "
+            "the file again)"
+        )
+        return what, fix
 
     @staticmethod
     def _open_lock(path: str) -> int:
-        try:
-            return backend.open_lock_file(path)
-        except OSError as exc:
-            raise type(exc)(exc.errno, f"cannot open lock file: {exc.strerror}", path) from None
+        """Open (create if absent) the lock or queue file ``path``; StateError if refused."""
+        return backend.open_lock_file(path, *ShmNonce._lock_file_text(path))
+
+    def _open_state(self, path: str) -> int:
+        if self._create:
+            return self._open_lock(path)
+        return backend.open_state_file(path, *self._lock_file_text(path), create=False)
 
     def _log(self, level: int, msg: str, *args: object) -> None:
         """Queue a log record; emitted after the locks are released (handlers may block)."""
@@ -424,9 +511,16 @@ class ShmNonce:
         try:
             write_ceiling(self._ceiling_path, new_limit, self._seg.header.segment_id)
         except OSError as exc:
+            hint = (
+                "free space or inodes (or quota) on the file system of the state directory"
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT) else
+                f"make {self.state_dir} writable by this user and remove anything that is not "
+                f"a regular file at {self._ceiling_path} or {self._ceiling_path}.tmp"
+            )
             raise StateError(
                 f"cannot persist the ceiling of sequence {self.name!r} to "
-                f"{self._ceiling_path!r}: {exc}"
+                f"{self._ceiling_path!r}: {exc}; nothing above the persisted ceiling is issued "
+                f"until it can be: {hint}"
             ) from exc
         return new_limit
 
@@ -489,7 +583,13 @@ class ShmNonce:
         return _ASerialized(self, timeout)
 
     def jump_forward(self, delta_ns: int) -> int:
-        """Set the last value to ``max(last, now) + delta_ns`` and return it."""
+        """Set the last value to ``max(last, now) + delta_ns`` and return it.
+
+        It moves the sequence, it does not issue a value: with ``delta_ns == 0`` and
+        the clock behind the last value it returns that last value unchanged (the
+        next ``next()`` is still above it). Use ``delta_ns >= 1`` for a result above
+        every value issued before.
+        """
         if isinstance(delta_ns, bool) or not isinstance(delta_ns, int) or delta_ns < 0:
             raise ValueError(f"delta_ns must be a non-negative int, got {delta_ns!r}")
         with self._short_lock():
@@ -578,6 +678,8 @@ class ShmNonce:
             remove_state(self._buf, self.segment_name, self._lock_path, self._queue_path,
                          self._ceiling_path)
         self.close()
+        if is_key_name(self.name):
+            release_key(self.name, self.state_dir)
 
     def __enter__(self) -> ShmNonce:
         return self
@@ -667,6 +769,62 @@ class _CounterLock:
             eng._tlock.release()
         if eng._deferred:
             eng._flush_log()
+
+
+class NoSegment(StateError):
+    """The sequence has no segment and the caller asked not to create one."""
+
+
+def _has_state(state_dir: str, name: str) -> bool:
+    """Whether ``state_dir`` holds files of sequence ``name`` (by lstat: nothing is opened)."""
+    for suffix in (".lock", ".ceiling"):
+        try:
+            os.lstat(os.path.join(state_dir, name + suffix))
+        except FileNotFoundError:
+            continue
+        except NotADirectoryError:
+            return False
+        return True
+    return False
+
+
+def _two_sequences(name: str, here: str, holder: Holder) -> str:
+    return (
+        f"API-key sequence {name} has state in {here} but the host-wide key index "
+        f"({holder.entry}) gives the key to {holder.describe()}: one key has two sequences on "
+        f"this host. Keep one: raise it past the other with 'shmnonce jump {name} NS "
+        f"--state-dir {holder.state_dir}' (NS: how far the other's last value is ahead, "
+        f"see 'shmnonce status'), then 'shmnonce unlink {name} --state-dir {here}'"
+    )
+
+
+def _refuse_elsewhere(name: str, state_dir: str, holder: Holder) -> None:
+    """Refuse to attach key sequence ``name`` in ``state_dir`` unless the index agrees."""
+    if holder.uid != os.geteuid():
+        raise StateError(
+            f"API-key sequence {name} is held by {holder.describe()} (host-wide key index entry "
+            f"{holder.entry}): one API key has one nonce sequence per host, and it belongs to "
+            "that user. Run this process as that user with that state directory, use another "
+            f"API key here, or, if that sequence is gone for good, have that user or root "
+            f"remove {holder.entry}"
+        )
+    if holder.state_dir != state_dir:
+        if _has_state(state_dir, name):
+            raise StateError(_two_sequences(name, state_dir, holder))
+        raise StateError(
+            f"API-key sequence {name} lives in {holder.state_dir} (host-wide key index entry "
+            f"{holder.entry}), not in {state_dir}: one API key has one nonce sequence per "
+            f"host. Use state_dir={holder.state_dir!r} (CLI: --state-dir "
+            f"{holder.state_dir}); ShmNonce.for_api_key() goes there by itself"
+        )
+
+
+def release_key(name: str, state_dir: str) -> None:
+    """After the key sequence was destroyed: drop its index entry (failures only logged)."""
+    try:
+        release(name, state_dir)
+    except (StateError, OSError) as exc:
+        log.warning("sequence %s was unlinked but its key index entry stays: %s", name, exc)
 
 
 def _reattach(name: str, state_dir: str) -> ShmNonce:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 
 import platformdirs
 
-__all__ = ["api_key_name", "resolve_state_dir", "segment_name", "validate_name"]
+from ._errors import StateError
+
+__all__ = [
+    "api_key_name", "check_parents", "resolve_state_dir", "segment_name", "state_dir_path", "validate_name",
+]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 ENV_STATE_DIR = "SHMNONCE_STATE_DIR"
@@ -34,26 +39,117 @@ def default_state_dir() -> str:
     return platformdirs.user_state_dir("shmnonce", appauthor=False)
 
 
-def resolve_state_dir(state_dir: str | os.PathLike[str] | None) -> str:
-    """Create the state directory (0700) if needed and return its realpath.
-
-    Raises ``PermissionError``/``NotADirectoryError``/``OSError`` naming the path when
-    it cannot be created or written.
-    """
+def state_dir_path(state_dir: str | os.PathLike[str] | None) -> str:
+    """The realpath ``state_dir`` (or the default) designates; creates and checks nothing."""
     raw = default_state_dir() if state_dir is None else os.fspath(state_dir)
     if not isinstance(raw, str) or not raw:
         raise ValueError(f"invalid state_dir {state_dir!r}")
-    path = os.path.realpath(os.path.expanduser(raw))
+    return os.path.realpath(os.path.expanduser(raw))
+
+
+def _where(path: str, name: str | None) -> str:
+    return f"state directory {path}" + ("" if name is None else f" of sequence {name!r}")
+
+
+def _how_to_choose(state_dir: object) -> str:
+    if state_dir is not None:
+        return (
+            "it is the state_dir given: pass one this user owns or can create (created 0700 "
+            "if absent)"
+        )
+    return (
+        f"it is the default (${ENV_STATE_DIR}, else $XDG_STATE_HOME/shmnonce, else "
+        f"~/.local/state/shmnonce): set {ENV_STATE_DIR} or pass state_dir= (CLI: --state-dir) "
+        "to a directory this user owns or can create (created 0700 if absent), e.g. "
+        "/var/lib/<service>/shmnonce for a system user without a writable home"
+    )
+
+
+def check_parents(path: str, what: str) -> None:
+    """Refuse ``path`` (``what`` names it) if another user could swap it through a parent.
+
+    Every parent must be owned by root or this user and be writable by group or
+    others only with the sticky bit (like /tmp), so that nobody else can rename
+    ``path`` and put their own in its place.
+    """
+    euid = os.geteuid()
+    parent = os.path.dirname(path)
+    while True:
+        st = os.lstat(parent)
+        problem = None
+        if st.st_uid not in (0, euid):
+            problem = f"is owned by uid {st.st_uid}, neither root nor this user (uid {euid})"
+        elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            problem = (
+                f"has mode {stat.S_IMODE(st.st_mode):04o}: group or others may write it "
+                "and it has no sticky bit"
+            )
+        if problem:
+            raise StateError(
+                f"{what}: its parent directory {parent} {problem}, so another user could "
+                "rename it and put their own in its place; use a directory whose parents are "
+                "owned by root or by this user and not writable by others (or have the sticky "
+                "bit, as /tmp)"
+            )
+        if parent == os.path.dirname(parent):
+            return
+        parent = os.path.dirname(parent)
+
+
+def resolve_state_dir(
+    state_dir: str | os.PathLike[str] | None, name: str | None = None, *, create: bool = True
+) -> str:
+    """Create the state directory (0700) if needed and ``create``, check it, return its realpath.
+
+    Rule: the directory must be a real directory (its realpath is used, so a
+    symlink to it is fine) owned by the effective user and not writable by group or
+    others (read and search access for others is allowed: the files in it are
+    0600), and its parents must not let another user replace it (see
+    ``check_parents``). Checked with ``fstat`` on a descriptor opened with
+    O_NOFOLLOW|O_DIRECTORY. Anything else raises StateError naming the path, the
+    owner and the fix; FileNotFoundError when absent and not ``create``.
+    """
+    path = state_dir_path(state_dir)
+    where = _where(path, name)
+    if create:
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except FileExistsError:
+            raise StateError(f"{where} exists and is not a directory; {_how_to_choose(state_dir)}") from None
+        except OSError as exc:
+            raise StateError(
+                f"cannot create {where}: {exc.strerror} ({exc.filename}); {_how_to_choose(state_dir)}"
+            ) from None
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except FileExistsError:
-        raise NotADirectoryError(f"state_dir {path!r} exists and is not a directory") from None
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if create:  # removed while we were creating it
+            raise StateError(f"{where} was removed while being created; try again") from None
+        raise
+    except NotADirectoryError:
+        raise StateError(f"{where} is not a directory; {_how_to_choose(state_dir)}") from None
     except OSError as exc:
-        raise type(exc)(exc.errno, f"cannot create state_dir: {exc.strerror}", path) from None
-    if not os.path.isdir(path):
-        raise NotADirectoryError(f"state_dir {path!r} is not a directory")
+        raise StateError(f"cannot open {where}: {exc.strerror}; {_how_to_choose(state_dir)}") from None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        raise StateError(
+            f"{where} belongs to uid {st.st_uid}, not to this user (uid {euid}): another user "
+            "created it (a directory pre-created under /tmp, say) and could read or replace the "
+            f"sequence's files; {_how_to_choose(state_dir)}, or have root remove {path}"
+        )
+    if st.st_mode & 0o022:
+        raise StateError(
+            f"{where} has mode {stat.S_IMODE(st.st_mode):04o}: group or others may write it and "
+            f"so replace the sequence's files; if nobody else put files in it, chmod 700 {path}; "
+            f"otherwise {_how_to_choose(state_dir)}"
+        )
     if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(f"state_dir {path!r} is not writable by this user")
+        raise StateError(f"{where} is not writable by this user; chmod 700 {path}")
+    check_parents(path, where)
     return path
 
 

@@ -20,22 +20,27 @@ if not sys.platform.startswith("linux"):  # pragma: no cover - checked at import
     )
 
 import _posixshmem  # type: ignore[import-not-found]
+import contextlib
 import errno
 import fcntl
 import mmap
 import os
+import pwd
 import stat
 import struct
 
 from ._errors import StateError
 
 __all__ = [
+    "describe_open_error",
+    "describe_owner",
     "flock_ex",
     "flock_un",
     "ofd_lock",
     "ofd_test",
     "ofd_unlock",
     "open_lock_file",
+    "open_state_file",
     "reopen",
     "shm_create",
     "shm_link",
@@ -63,16 +68,117 @@ def flock_un(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def open_lock_file(path: str) -> int:
-    """Open (create 0600) a lock file and return a close-on-exec descriptor."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+_NOBLOCK = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+"""Flags of every state-file open: never follow a symlink, never block on a FIFO or device.
+
+O_NONBLOCK has no effect on a regular file (the only kind accepted after ``fstat``), so
+the descriptor is used as it is."""
+
+
+def describe_owner(uid: int) -> str:
+    """``uid N (name)`` for messages."""
     try:
-        if os.fstat(fd).st_mode & 0o077:
-            os.fchmod(fd, 0o600)
-    except OSError:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def describe_open_error(exc: OSError, path: str) -> str:
+    """What an ``open`` of a state file failing with ``exc`` says about ``path``."""
+    e = exc.errno
+    if e == errno.ELOOP:
+        return "is a symbolic link (shmnonce never follows one)"
+    if e == errno.EISDIR:
+        return "is a directory"
+    if e in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"cannot be created: {exc.strerror} (no space or no inodes left, or the disk quota "
+            "is exhausted, on its file system)"
+        )
+    if e == errno.EROFS:
+        return "cannot be created or written: read-only file system"
+    if e in (errno.EACCES, errno.EPERM):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return f"is not accessible by this user ({describe_owner(os.geteuid())}): {exc.strerror}"
+        return (
+            f"is not accessible by this user ({describe_owner(os.geteuid())}): it is "
+            f"{_kind(st.st_mode) if not stat.S_ISREG(st.st_mode) else 'a file'} owned by "
+            f"{describe_owner(st.st_uid)} with mode {stat.S_IMODE(st.st_mode):04o}"
+        )
+    if e == errno.ENXIO:
+        return "is a device or socket, not a shmnonce file"
+    return f"cannot be opened: {exc.strerror or exc}"
+
+
+def open_state_file(path: str, what: str, fix: str, *, create: bool, write: bool = True) -> int:
+    """Open a state file of this user safely and return a close-on-exec descriptor.
+
+    Never follows a symlink and never blocks (a FIFO or device in its place is
+    opened non-blocking, then refused by the ``fstat`` type check). When ``create``,
+    an absent file is created 0600 with ``O_EXCL``; without it FileNotFoundError
+    propagates. Anything else that is wrong (another owner, group/other access, a
+    directory, symlink, FIFO, no space or inodes, no permission) raises StateError
+    naming ``what`` and ``fix``. Verified on the descriptor, never by path alone.
+    """
+    flags = (os.O_RDWR if write else os.O_RDONLY) | _NOBLOCK
+    fd = -1
+    for _attempt in range(10):
+        if create:
+            try:
+                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise StateError(f"{what} {describe_open_error(exc, path)}; {fix}") from None
+            else:
+                try:
+                    os.fchmod(fd, 0o600)  # a restrictive umask must not leave it unwritable
+                except OSError:
+                    os.close(fd)
+                    raise
+                return fd
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            if create:
+                continue  # removed between the two opens: create it again
+            raise
+        except OSError as exc:
+            raise StateError(f"{what} {describe_open_error(exc, path)}; {fix}") from None
+        break
+    else:
+        raise StateError(f"{what} keeps being created and removed by another process; {fix}")
+    try:
+        verify_owned(fd, what, fix)
+    except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def open_lock_file(path: str, what: str | None = None, fix: str | None = None) -> int:
+    """Open (create 0600) a lock or queue file and return a close-on-exec descriptor.
+
+    Refuses (StateError) what :func:`open_state_file` refuses.
+    """
+    return open_state_file(
+        path, what or f"lock file {path}",
+        fix or f"remove it (rm -r {path}) once no process uses it; it is created again",
+        create=True,
+    )
 
 
 def reopen(fd: int, path: str) -> int:
@@ -125,13 +231,21 @@ def shm_open(name: str) -> int:
 
 
 def shm_create(name: str, size: int) -> int:
-    """Create a new zero-filled 0600 segment of ``size`` bytes; FileExistsError if present."""
+    """Create a new zero-filled 0600 segment of ``size`` bytes; FileExistsError if present.
+
+    Its memory is allocated here (``posix_fallocate``): on a full ``/dev/shm`` this
+    raises ENOSPC instead of a later write into the mapping killing the process with
+    SIGBUS. The name is removed again if that fails.
+    """
     fd: int = _posixshmem.shm_open("/" + name, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode=0o600)
     try:
         os.fchmod(fd, 0o600)
         os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
     except OSError:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            _posixshmem.shm_unlink("/" + name)
         raise
     return fd
 
@@ -170,9 +284,12 @@ def verify_owned(fd: int, what: str, fix: str) -> os.stat_result:
     st = os.fstat(fd)
     problem = None
     if not stat.S_ISREG(st.st_mode):
-        problem = "is not a regular file"
+        problem = f"is {_kind(st.st_mode)}, not a regular file"
     elif st.st_uid != os.geteuid():
-        problem = f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})"
+        problem = (
+            f"belongs to {describe_owner(st.st_uid)}, not to this user "
+            f"({describe_owner(os.geteuid())})"
+        )
     elif st.st_mode & 0o077:
         problem = f"has mode {stat.S_IMODE(st.st_mode):04o}: group or others may access it"
     if problem is not None:

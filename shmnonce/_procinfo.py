@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -208,11 +209,13 @@ def _fd_write_locks(pid: int, fd: int) -> list[tuple[int, int, int, int, str]]:
 
 def _byte_locked(queue_path: str, byte: int) -> bool | None:
     """Whether some open file description write-locks ``byte`` (None: no queue file)."""
-    try:
-        fd = os.open(queue_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:  # O_NONBLOCK: a FIFO in its place must not hang the caller
+        fd = os.open(queue_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         return backend.ofd_test(fd, byte) == backend.F_WRLCK
     finally:
         os.close(fd)
@@ -274,8 +277,14 @@ def find_holder(
 
 def read_segment(segment: str, size: int) -> bytes | None:
     """A snapshot of the first ``size`` bytes of ``/dev/shm/<segment>`` (None if absent)."""
-    try:
-        with open(f"/dev/shm/{segment}", "rb") as fh:
-            return fh.read(size)
+    try:  # O_NONBLOCK and a type check: a FIFO in its place must not hang the caller
+        fd = os.open(f"/dev/shm/{segment}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            return fh.read(size)
+    finally:
+        os.close(fd)

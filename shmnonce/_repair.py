@@ -26,9 +26,19 @@ from typing import NamedTuple
 from . import _posix as backend
 from ._ceiling import read_ceiling, write_ceiling
 from ._errors import StateError
+from ._keyindex import is_key_name, release
 from ._paths import resolve_state_dir, segment_name, validate_name
 from ._queue import others_attached
-from ._segment import HEADER, MAGIC, SIZE, TMP_SUFFIX, VERSION, mark_unlinked, read_record
+from ._segment import (
+    HEADER,
+    MAGIC,
+    SIZE,
+    TMP_SUFFIX,
+    VERSION,
+    mark_unlinked,
+    owner_fix,
+    read_record,
+)
 
 __all__ = ["DropResult", "destroy", "drop_segment", "remove_state"]
 
@@ -46,9 +56,17 @@ def _paths(name: str, state_dir: str) -> tuple[str, str, str]:
     return base + ".lock", base + ".queue", base + ".ceiling"
 
 
+def _file_fix(path: str) -> str:
+    return (
+        f"if it is this user's regular file, chmod 600 {path}; otherwise stop the processes "
+        f"of the sequence, remove it (rm -r {path}) and run this command again"
+    )
+
+
 @contextlib.contextmanager
-def _locked(lock_path: str) -> Iterator[None]:
-    fd = backend.open_lock_file(lock_path)
+def _locked(lock_path: str, name: str) -> Iterator[None]:
+    fd = backend.open_lock_file(lock_path, f"lock file {lock_path} of sequence {name!r}",
+                                _file_fix(lock_path))
     try:
         backend.flock_ex(fd, fcntl.LOCK_EX)
         yield
@@ -56,13 +74,24 @@ def _locked(lock_path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _map_intact(shm: str) -> tuple[bool, mmap.mmap | None]:
-    """(found, mapping if it is a shmnonce segment of this version and size)."""
+def _map_intact(shm: str, name: str, state_dir: str) -> tuple[bool, mmap.mmap | None]:
+    """(found, mapping if it is a shmnonce segment of this version and size).
+
+    A segment that is not this user's private regular file is never read or removed:
+    StateError names it and its owner.
+    """
+    path = f"/dev/shm/{shm}"
+    where = f"shared-memory segment {path} of sequence {name!r}"
     try:
         fd = backend.shm_open(shm)
     except FileNotFoundError:
         return False, None
+    except OSError as exc:
+        raise StateError(
+            f"{where} {backend.describe_open_error(exc, path)}; {owner_fix(shm, name, state_dir)}"
+        ) from None
     try:
+        backend.verify_owned(fd, where, owner_fix(shm, name, state_dir))
         if os.fstat(fd).st_size != SIZE:
             return True, None
         buf = backend.shm_map(fd, SIZE)
@@ -78,15 +107,18 @@ def _map_intact(shm: str) -> tuple[bool, mmap.mmap | None]:
 def destroy(name: str, state_dir: str | None = None) -> bool:
     """Remove the segment and every state file of ``name``; True if anything existed."""
     validate_name(name)
-    sd = resolve_state_dir(state_dir)
+    sd = resolve_state_dir(state_dir, name)
     lock_path, queue_path, ceiling_path = _paths(name, sd)
     shm = segment_name(name, sd)
-    existed = os.path.exists(lock_path) or os.path.exists(ceiling_path)
-    with _locked(lock_path):
-        found, buf = _map_intact(shm)
+    existed = os.path.lexists(lock_path) or os.path.lexists(ceiling_path)
+    with _locked(lock_path, name):
+        found, buf = _map_intact(shm, name, sd)
         remove_state(buf, shm, lock_path, queue_path, ceiling_path)
         if buf is not None:
             buf.close()
+    if is_key_name(name):
+        with contextlib.suppress(StateError, OSError):  # the sequence is gone either way
+            release(name, sd)
     return existed or found
 
 
@@ -114,21 +146,28 @@ def drop_segment(name: str, state_dir: str | None = None, force: bool = False) -
     segment could be created until they exit) unless ``force``.
     """
     validate_name(name)
-    sd = resolve_state_dir(state_dir)
+    sd = resolve_state_dir(state_dir, name)
     lock_path, queue_path, ceiling_path = _paths(name, sd)
     shm = segment_name(name, sd)
-    if not force and os.path.exists(queue_path):
-        qfd = backend.open_lock_file(queue_path)
+    if not force:
         try:
-            if others_attached(qfd):
+            qfd = backend.open_state_file(
+                queue_path, f"queue file {queue_path} of sequence {name!r}", _file_fix(queue_path),
+                create=False,
+            )
+        except FileNotFoundError:
+            qfd = -1
+        try:
+            if qfd >= 0 and others_attached(qfd):
                 raise StateError(
                     f"processes are attached to {name!r} (they hold {queue_path}); stop them "
                     "first, or pass force (--force) to make their handles fail"
                 )
         finally:
-            os.close(qfd)
-    with _locked(lock_path):
-        found, buf = _map_intact(shm)
+            if qfd >= 0:
+                os.close(qfd)
+    with _locked(lock_path, name):
+        found, buf = _map_intact(shm, name, sd)
         try:
             ceiling = read_ceiling(ceiling_path)
         except StateError:
@@ -139,7 +178,16 @@ def drop_segment(name: str, state_dir: str | None = None, force: bool = False) -
         if buf is not None:
             rec = read_record(buf)
             if rec is not None and rec.limit > 0 and (limit is None or rec.limit > limit):
-                write_ceiling(ceiling_path, rec.limit, HEADER.unpack_from(buf, 0)[4])
+                try:
+                    write_ceiling(ceiling_path, rec.limit, HEADER.unpack_from(buf, 0)[4])
+                except OSError as exc:
+                    buf.close()
+                    raise StateError(
+                        f"cannot rewrite the persisted ceiling {ceiling_path!r} of {name!r} from "
+                        f"its segment: {exc}; remove whatever is in its place (rm -r "
+                        f"{ceiling_path}) or free space on its file system, then run "
+                        "'shmnonce drop-segment' again (the segment is kept until then)"
+                    ) from exc
                 log.warning("sequence %r: persisted ceiling rewritten from its segment (%d)",
                             name, rec.limit)
                 limit = rec.limit

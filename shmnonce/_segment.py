@@ -39,6 +39,7 @@ resource tracker (CPython gh-82300), so no unrelated process's exit removes it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import secrets
@@ -164,8 +165,10 @@ class Segment:
         """Whether the name still refers to this mapping (not removed or replaced)."""
         try:
             fd = backend.shm_open(self.name)
-        except FileNotFoundError:
-            return False
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.EISDIR, errno.ELOOP, errno.EACCES):
+                return False  # the name is gone or taken by something else
+            raise
         try:
             st = os.fstat(fd)
         finally:
@@ -182,6 +185,17 @@ def _repair(seq: str, state_dir: str) -> str:
         f"--state-dir {state_dir}': it removes the segment and keeps the persisted ceiling "
         "(raised to the segment's bound when the segment is readable), so the next attach "
         "resumes above every value issued"
+    )
+
+
+def owner_fix(shm_name: str, seq: str, state_dir: str) -> str:
+    """The repair for a segment that is not this user's private regular file."""
+    return (
+        f"if it is this user's segment with a wrong mode, chmod 600 /dev/shm/{shm_name}; "
+        f"otherwise it was put there by someone else (another user can create it while the "
+        f"sequence has no segment, e.g. after a reboot): have its owner or root remove it "
+        f"(rm -r /dev/shm/{shm_name}), find out who created it, then attach again: the "
+        f"sequence {seq!r} of {state_dir} resumes above its persisted ceiling"
     )
 
 
@@ -223,11 +237,7 @@ def _where(shm_name: str, seq: str) -> str:
 
 
 def _owned_fix(shm_name: str, seq: str, state_dir: str) -> str:
-    return (
-        f"it was not created by shmnonce for this user: find out who made it, then remove it "
-        f"('shmnonce drop-segment {seq} --state-dir {state_dir}', or 'rm /dev/shm/{shm_name}' as "
-        "its owner or root)"
-    )
+    return owner_fix(shm_name, seq, state_dir)
 
 
 def _create(

@@ -10,10 +10,11 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from . import _repair
-from ._engine import ShmNonce
-from ._errors import NonceError
+from ._ceiling import read_ceiling
+from ._engine import NoSegment, ShmNonce
+from ._errors import NonceError, StateError
 from ._legacy import LegacyImport, LegacyImportError, import_legacy
-from ._paths import default_state_dir, validate_name
+from ._paths import default_state_dir, resolve_state_dir, segment_name, validate_name
 from ._segment import SIZE
 
 __all__ = ["main"]
@@ -44,7 +45,7 @@ def _require_existing(name: str, state_dir: str | None) -> None:
     path = os.path.realpath(os.path.expanduser(raw))
     for suffix in (".lock", ".ceiling"):
         try:
-            os.stat(os.path.join(path, name + suffix))
+            os.lstat(os.path.join(path, name + suffix))
         except FileNotFoundError:
             continue
         return
@@ -64,18 +65,52 @@ def _int_ns(text: str) -> int:
     return value
 
 
+def _status_without_segment(name: str, state_dir: str) -> dict[str, object]:
+    """The status of a sequence that has no segment, read from its ceiling file only."""
+    ceiling = read_ceiling(os.path.join(state_dir, name + ".ceiling"))
+    return {
+        "name": name, "state_dir": state_dir, "segment": segment_name(name, state_dir),
+        "segment_live": False, "last_nonce": None, "total_issued": None, "created_at": None,
+        "clock_regressions": None,
+        "persisted_ceiling": None if ceiling is None else ceiling.limit + 1,
+        "note": "no live segment (dropped, or the host rebooted); the next attach creates one "
+        "and resumes above the persisted ceiling",
+    }
+
+
 def _status(args: argparse.Namespace) -> int:
+    """Status of an existing sequence; creates nothing (no segment, file or directory)."""
     from ._procinfo import find_holder, scan_attached
 
     _require_existing(args.name, args.state_dir)
-    with ShmNonce.attach(args.name, args.state_dir) as eng:
-        stats: dict[str, object] = dict(eng.stats())
-        base = os.path.join(eng.state_dir, eng.name)
-        scan = scan_attached(
-            eng.segment_name, base + ".lock", base + ".queue", exclude_pid=os.getpid()
-        )
-        seg = eng._shared(0, SIZE)
-        holder = find_holder(seg, base + ".queue", scan.processes)
+    sd = resolve_state_dir(args.state_dir, args.name, create=False)
+    seg_name = segment_name(args.name, sd)
+    base = os.path.join(sd, args.name)
+    holder = None
+    try:
+        eng = ShmNonce._inspect(args.name, sd)
+    except NoSegment:
+        eng = None
+    except FileNotFoundError:  # a lock or queue file is missing
+        if os.path.lexists(f"/dev/shm/{seg_name}"):
+            raise StateError(
+                f"segment /dev/shm/{seg_name} of {args.name!r} is live but its lock or queue "
+                f"file in {sd} is missing (removed by hand?); attach refuses it: stop its users "
+                f"and run 'shmnonce drop-segment {args.name} --state-dir {sd}'"
+            ) from None
+        eng = None
+    if eng is None:
+        stats = _status_without_segment(args.name, sd)
+        scan = scan_attached(seg_name, base + ".lock", base + ".queue", exclude_pid=os.getpid())
+    else:
+        with eng:
+            stats = dict(eng.stats())
+            stats["segment_live"] = True
+            scan = scan_attached(
+                eng.segment_name, base + ".lock", base + ".queue", exclude_pid=os.getpid()
+            )
+            seg = eng._shared(0, SIZE)
+            holder = find_holder(seg, base + ".queue", scan.processes)
     stats["attached"] = [p.as_dict() for p in scan.processes]
     stats["attached_uninspectable"] = scan.uninspectable
     stats["lock_holder"] = None if holder is None else holder.as_dict()

@@ -25,6 +25,16 @@ def eng(state_dir: str) -> Iterator[ShmNonce]:
 
 
 @pytest.fixture(autouse=True)
+def _key_index(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A private API-key index per test (inherited by its subprocesses).
+
+    The host-wide one (/var/tmp/shmnonce-keys) would carry one test's key sequences
+    into the next test, as it must for real processes.
+    """
+    monkeypatch.setenv("SHMNONCE_KEY_INDEX", os.path.join(str(tmp_path), "key-index"))
+
+
+@pytest.fixture(autouse=True)
 def _cleanup_segments(state_dir: str) -> Iterator[None]:
     """Remove every segment a test created under its state_dir."""
     yield

@@ -145,7 +145,7 @@ def test_state_dir_permissions(state_dir: str) -> None:
         os.chmod(os.path.join(real, "p.lock"), 0o644)
         rep = run_doctor("p", state_dir)
         assert _statuses(rep, "state_dir") == {"ok"}
-        assert _statuses(rep, "files", "p") == {"warn"}
+        assert _statuses(rep, "files", "p") == {"error"}  # attach refuses it
     finally:
         os.chmod(real, 0o700)
 

@@ -117,7 +117,7 @@ def test_state_dir_that_cannot_be_created_names_the_path(tmp_path: object) -> No
     with open(blocker, "w"):
         pass
     target = os.path.join(blocker, "state")
-    with pytest.raises(OSError) as info:
+    with pytest.raises(StateError) as info:
         ShmNonce.attach("x", target)
     assert target in str(info.value)
 
@@ -126,7 +126,7 @@ def test_state_dir_that_is_a_file(tmp_path: object) -> None:
     blocker = os.path.join(str(tmp_path), "file")
     with open(blocker, "w"):
         pass
-    with pytest.raises(NotADirectoryError, match="file"):
+    with pytest.raises(StateError, match="file.*not a directory"):
         ShmNonce.attach("x", blocker)
 
 

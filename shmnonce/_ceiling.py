@@ -82,7 +82,10 @@ def read_ceiling(path: str) -> Ceiling | None:
         f"this user's file with a wrong mode, chmod 600 {path}"
     )
     try:
-        fd = backend.open_state_file(path, f"persisted ceiling {path!r}", fix, create=False, write=False)
+        seq = os.path.basename(path)[: -len(".ceiling")]
+        fd = backend.open_state_file(
+            path, f"persisted ceiling {path!r} of sequence {seq!r}", fix, create=False, write=False
+        )
     except FileNotFoundError:
         return None
     try:

@@ -252,6 +252,10 @@ class ShmNonce:
         directory or user: one key, one sequence per host.
         """
         validate_name(name)
+        if is_key_name(name):
+            holder = lookup(name)  # before creating a state directory that would be refused
+            if holder is not None:
+                _refuse_elsewhere(name, state_dir_path(state_dir), holder)
         sd = resolve_state_dir(state_dir, name)
         if is_key_name(name):
             _refuse_elsewhere(name, sd, claim(name, sd))

@@ -12,17 +12,18 @@ directory that hold it:
 * ``attach`` of a key sequence name registers its state directory if the name is
   not registered yet, and refuses any other state directory or user.
 
-Layout: one directory (``/var/tmp/shmnonce-keys``, or ``$SHMNONCE_KEY_INDEX``)
-holding one small JSON file per key sequence, named after it and written by its
-owner (``{"v": 1, "name", "uid", "state_dir"}``, mode 0644 so that another user's
-error can name the holder). ``/var/tmp`` survives reboots, as the persisted state
-does. Entries are published atomically (written under a temporary name, fsynced,
-then ``link``-ed into place, which fails if the name exists) and the directory is
+Layout: one small JSON file per key sequence, ``/var/tmp/shmnonce-key-<hash>``
+(``$SHMNONCE_KEY_INDEX`` names another directory), written by its owner
+(``{"v": 1, "name", "uid", "state_dir"}``, mode 0644 so that another user's error
+can name the holder; no key material: the name is the salted hash). ``/var/tmp``
+survives reboots, as the persisted state does, and is root's sticky directory, so
+it needs no set-up and nobody can remove or replace another user's entry. Entries
+are published atomically (written under a temporary name, fsynced, then
+``link``-ed into place, which fails if the name exists) and the directory is
 fsynced. Trust: the directory must be owned by root or by this user and writable
-by others only with the sticky bit (root creates it 1777, another user 0755), so
-that nobody else can remove or replace this user's entries; an entry counts only
-if its file's owner is the uid it records. Another user can at worst make attach
-fail with a clear error, never redirect a sequence.
+by others only with the sticky bit; an entry counts only if its file's owner is
+the uid it records. Another user can at worst make attach fail with a clear
+error, never redirect a sequence.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from ._posix import _NOBLOCK, describe_open_error, describe_owner
 __all__ = ["DEFAULT_INDEX", "ENV_INDEX", "Holder", "claim", "index_dir", "is_key_name", "lookup", "release"]
 
 ENV_INDEX = "SHMNONCE_KEY_INDEX"
-DEFAULT_INDEX = "/var/tmp/shmnonce-keys"
+DEFAULT_INDEX = "/var/tmp"
+PREFIX = "shmnonce-"
 _KEY_NAME = re.compile(r"key-[0-9a-f]{32}")
 _MAX_ENTRY = 8192
 
@@ -65,7 +67,7 @@ def is_key_name(name: str) -> bool:
 
 
 def index_dir() -> str:
-    """``$SHMNONCE_KEY_INDEX`` if set (absolute), else ``/var/tmp/shmnonce-keys``."""
+    """``$SHMNONCE_KEY_INDEX`` if set (absolute), else ``/var/tmp``."""
     env = os.environ.get(ENV_INDEX)
     if env:
         if not os.path.isabs(env):
@@ -76,9 +78,9 @@ def index_dir() -> str:
 
 def _fix_dir(path: str) -> str:
     return (
-        f"as root, move it away and run 'install -d -m 1777 -o root -g root {path}' (every "
-        f"user's API-key sequences register there), or set {ENV_INDEX} for every process of "
-        "this host to such a directory"
+        f"have root move it away and create it as 'install -d -m 1777 -o root -g root {path}' "
+        f"(every user's API-key sequences register there), or set {ENV_INDEX} for every "
+        "process of this host to such a directory"
     )
 
 
@@ -101,9 +103,7 @@ def _open_index(create: bool) -> int | None:
                 continue
             except OSError as exc:
                 raise StateError(
-                    f"cannot create the API-key index {path}: {exc.strerror}; create it as root "
-                    f"('install -d -m 1777 -o root -g root {path}'), or set {ENV_INDEX} for every "
-                    "process of this host to a directory this user can create"
+                    f"cannot create the API-key index {path}: {exc.strerror}; {_fix_dir(path)}"
                 ) from None
         except OSError as exc:
             what = "is not a directory" if exc.errno in (errno.ENOTDIR, errno.ELOOP) else exc.strerror
@@ -142,10 +142,14 @@ def _entry_error(path: str, problem: str) -> StateError:
     )
 
 
+def _entry(name: str) -> str:
+    return PREFIX + name
+
+
 def _read(dfd: int, name: str) -> Holder | None:
-    path = os.path.join(index_dir(), name)
+    path = os.path.join(index_dir(), _entry(name))
     try:
-        fd = os.open(name, os.O_RDONLY | _NOBLOCK, dir_fd=dfd)
+        fd = os.open(_entry(name), os.O_RDONLY | _NOBLOCK, dir_fd=dfd)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -200,18 +204,18 @@ def claim(name: str, state_dir: str) -> Holder:
             if holder is not None:
                 if holder.uid == os.geteuid():
                     with contextlib.suppress(OSError):  # keeps it from /var/tmp cleaners
-                        os.utime(name, dir_fd=dfd, follow_symlinks=False)
+                        os.utime(_entry(name), dir_fd=dfd, follow_symlinks=False)
                 return holder
             _publish(dfd, name, state_dir)
-        raise StateError(f"API-key index entry {os.path.join(index_dir(), name)} keeps disappearing")
+        raise StateError(f"API-key index entry {os.path.join(index_dir(), _entry(name))} keeps disappearing")
     finally:
         os.close(dfd)
 
 
 def _publish(dfd: int, name: str, state_dir: str) -> None:
     body = json.dumps({"v": 1, "name": name, "uid": os.geteuid(), "state_dir": state_dir}).encode()
-    tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
-    where = os.path.join(index_dir(), name)
+    tmp = f".{_entry(name)}.{os.getpid()}.{secrets.token_hex(4)}"
+    where = os.path.join(index_dir(), _entry(name))
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOBLOCK, 0o644, dir_fd=dfd)
     except OSError as exc:
@@ -228,7 +232,7 @@ def _publish(dfd: int, name: str, state_dir: str) -> None:
         finally:
             os.close(fd)
         with contextlib.suppress(FileExistsError):  # another process registered first
-            os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
+            os.link(tmp, _entry(name), src_dir_fd=dfd, dst_dir_fd=dfd, follow_symlinks=False)
         os.fsync(dfd)
     except OSError as exc:
         raise StateError(f"cannot register {where}: {exc.strerror or exc}; {_fix_dir(index_dir())}") from None
@@ -246,7 +250,7 @@ def release(name: str, state_dir: str) -> None:
         holder = _read(dfd, name)
         if holder is not None and holder.uid == os.geteuid() and holder.state_dir == state_dir:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(name, dir_fd=dfd)
+                os.unlink(_entry(name), dir_fd=dfd)
             os.fsync(dfd)
     finally:
         os.close(dfd)

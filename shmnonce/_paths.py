@@ -10,6 +10,7 @@ import stat
 import platformdirs
 
 from ._errors import StateError
+from ._posix import describe_owner
 
 __all__ = [
     "api_key_name", "check_parents", "resolve_state_dir", "segment_name", "state_dir_path", "validate_name",
@@ -78,7 +79,10 @@ def check_parents(path: str, what: str) -> None:
         st = os.lstat(parent)
         problem = None
         if st.st_uid not in (0, euid):
-            problem = f"is owned by uid {st.st_uid}, neither root nor this user (uid {euid})"
+            problem = (
+                f"is owned by {describe_owner(st.st_uid)}, neither root nor this user "
+                f"({describe_owner(euid)})"
+            )
         elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
             problem = (
                 f"has mode {stat.S_IMODE(st.st_mode):04o}: group or others may write it "
@@ -137,7 +141,8 @@ def resolve_state_dir(
     euid = os.geteuid()
     if st.st_uid != euid:
         raise StateError(
-            f"{where} belongs to uid {st.st_uid}, not to this user (uid {euid}): another user "
+            f"{where} belongs to {describe_owner(st.st_uid)}, not to this user "
+            f"({describe_owner(euid)}): another user "
             "created it (a directory pre-created under /tmp, say) and could read or replace the "
             f"sequence's files; {_how_to_choose(state_dir)}, or have root remove {path}"
         )

@@ -126,7 +126,7 @@ def test_state_dir_that_is_a_file(tmp_path: object) -> None:
     blocker = os.path.join(str(tmp_path), "file")
     with open(blocker, "w"):
         pass
-    with pytest.raises(StateError, match="file.*not a directory"):
+    with pytest.raises(StateError, match=r"file.*not a directory"):
         ShmNonce.attach("x", blocker)
 
 

@@ -4,11 +4,12 @@ Checks, each reported as ``ok``, ``warn`` or ``error``:
 
 ``state_dir``
     The state directory exists, is a directory owned by this user, writable by it and
-    by nobody else (group/world-writable: error, since another user could replace the
-    ceiling; group/world-readable: warning).
+    by nobody else, and its parents do not let another user replace it (each an
+    error: attach refuses them); group/world-readable: warning.
 ``files``
     The sequence's ``.lock``, ``.queue`` and ``.ceiling`` files are regular files (not
-    symlinks) owned by this user with no group/other permissions.
+    symlinks, FIFOs or directories) owned by this user with no group/other
+    permissions (error: attach refuses anything else).
 ``ceiling``
     The persisted ceiling is intact (magic, version, checksum) and not below the
     live segment's last value or lease; a live segment without ceiling is an error
@@ -21,6 +22,10 @@ Checks, each reported as ``ok``, ``warn`` or ``error``:
     warning (values then run ahead of the clock, at last + 1, until it catches up),
     as are clock regressions counted since the segment was created. Without a live
     segment the clock is compared with the ceiling, where a restart resumes.
+``key_index``
+    For an API-key sequence (``key-<hash>``): the host-wide key index names this
+    state directory and user (error if it names another: one key, two sequences;
+    warning if the sequence is not registered yet).
 ``orphan_segment``
     Segments ``/dev/shm/shmnonce_*`` whose state is gone: the recorded state
     directory or its lock file no longer exists (warning, with the processes that
@@ -44,6 +49,7 @@ from . import _posix as backend
 from ._ceiling import Ceiling, read_ceiling
 from ._engine import LEASE_NS, REGRESSION_NS
 from ._errors import StateError
+from ._keyindex import index_dir, is_key_name, lookup
 from ._paths import check_parents, default_state_dir, segment_name, validate_name
 from ._procinfo import scan_attached
 from ._segment import (
@@ -250,8 +256,33 @@ def _check_files(rep: DoctorReport, name: str) -> None:
         rep.add("files", OK, f"files of {name!r} are private to this user", name, paths=seen)
 
 
+def _check_key_index(rep: DoctorReport, name: str) -> None:
+    """An API-key sequence must be the one the host-wide key index names."""
+    if not is_key_name(name):
+        return
+    try:
+        holder = lookup(name)
+    except StateError as exc:
+        rep.add("key_index", ERROR, str(exc), name)
+        return
+    if holder is None:
+        rep.add("key_index", WARN, f"API-key sequence {name} is not registered in the key index "
+                f"({index_dir()}); the next attach registers it", name)
+    elif holder.uid != os.geteuid() or holder.state_dir != rep.state_dir:
+        rep.add("key_index", ERROR, f"this state directory holds a sequence of API key {name}, but "
+                f"the key index ({holder.entry}) gives the key to {holder.describe()}: one key has "
+                "two sequences on this host; attach refuses this one. Keep one: 'shmnonce jump' the "
+                f"kept one past the other's last value, then 'shmnonce unlink {name} --state-dir "
+                f"{rep.state_dir}'", name, entry=holder.entry, uid=holder.uid,
+                holder_state_dir=holder.state_dir)
+    else:
+        rep.add("key_index", OK, f"API-key sequence {name} is the one registered in {holder.entry}",
+                name, entry=holder.entry)
+
+
 def _check_sequence(rep: DoctorReport, name: str, now: int) -> None:
     _check_files(rep, name)
+    _check_key_index(rep, name)
     ceiling_path = os.path.join(rep.state_dir, name + ".ceiling")
     lock_path = os.path.join(rep.state_dir, name + ".lock")
     shm = segment_name(name, rep.state_dir)

@@ -69,9 +69,11 @@ def _how_to_choose(state_dir: object) -> str:
 def check_parents(path: str, what: str) -> None:
     """Refuse ``path`` (``what`` names it) if another user could swap it through a parent.
 
-    Every parent must be owned by root or this user and be writable by group or
-    others only with the sticky bit (like /tmp), so that nobody else can rename
-    ``path`` and put their own in its place.
+    Every parent must be owned by root or this user and be writable by others only
+    with the sticky bit (like /tmp), so that nobody else can rename ``path`` and put
+    their own in its place. A parent writable by its group is accepted: with the
+    usual umask 002 and one private group per user, ``~/.local`` is group-writable
+    by that user's own group only.
     """
     euid = os.geteuid()
     parent = os.path.dirname(path)
@@ -83,10 +85,10 @@ def check_parents(path: str, what: str) -> None:
                 f"is owned by {describe_owner(st.st_uid)}, neither root nor this user "
                 f"({describe_owner(euid)})"
             )
-        elif st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        elif st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
             problem = (
-                f"has mode {stat.S_IMODE(st.st_mode):04o}: group or others may write it "
-                "and it has no sticky bit"
+                f"has mode {stat.S_IMODE(st.st_mode):04o}: anyone may write it and it has no "
+                "sticky bit"
             )
         if problem:
             raise StateError(

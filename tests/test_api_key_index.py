@@ -20,7 +20,6 @@ from collections.abc import Iterator
 import pytest
 
 from shmnonce import ShmNonce, StateError
-from shmnonce._keyindex import index_dir
 from shmnonce._paths import api_key_name
 
 from ._users import User, ensure_user, run_as, shared_tmp
@@ -28,6 +27,10 @@ from ._users import User, ensure_user, run_as, shared_tmp
 pytestmark = pytest.mark.timeout(60)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-api-key-0123456789"
+
+
+def index_dir() -> str:
+    return os.environ["SHMNONCE_KEY_INDEX"]  # set per test by conftest
 
 
 def _dirs(tmp: object, *names: str) -> list[str]:
@@ -255,3 +258,20 @@ def test_another_user_cannot_redirect_or_squat_the_index(
         assert not res.ok and res.value[0] == "PermissionError", res.value
         eng.unlink()
     ShmNonce.for_api_key("another-key", mine).unlink()
+
+
+def test_doctor_reports_a_second_sequence_of_a_key(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shmnonce._doctor import run_doctor
+
+    a, b = _dirs(tmp_path, "a", "b")
+    name = api_key_name(KEY)
+    with ShmNonce.for_api_key(KEY, a) as eng:
+        eng.next()
+    assert {f.status for f in run_doctor(name, a).findings if f.check == "key_index"} == {"ok"}
+    index = os.environ["SHMNONCE_KEY_INDEX"]
+    monkeypatch.setenv("SHMNONCE_KEY_INDEX", os.path.join(str(tmp_path), "old-index"))
+    ShmNonce.for_api_key(KEY, b).close()
+    monkeypatch.setenv("SHMNONCE_KEY_INDEX", index)
+    rep = run_doctor(name, b)
+    errors = [f.message for f in rep.findings if f.check == "key_index" and f.status == "error"]
+    assert errors and os.path.realpath(a) in errors[0] and "two sequences" in errors[0], rep.as_dict()

@@ -251,8 +251,14 @@ class ShmNonce:
         key index, and refused (StateError) if the index gives it to another state
         directory or user: one key, one sequence per host.
         """
+        return cls._attach(name, state_dir, looked_up=False)
+
+    @classmethod
+    def _attach(
+        cls, name: str, state_dir: str | os.PathLike[str] | None, looked_up: bool
+    ) -> ShmNonce:
         validate_name(name)
-        if is_key_name(name):
+        if is_key_name(name) and not looked_up:
             holder = lookup(name)  # before creating a state directory that would be refused
             if holder is not None:
                 _refuse_elsewhere(name, state_dir_path(state_dir), holder)
@@ -285,7 +291,7 @@ class ShmNonce:
                 name, holder.state_dir, holder.entry, wanted,
             )
             wanted = holder.state_dir
-        return cls.attach(name, wanted)
+        return cls._attach(name, wanted, looked_up=True)
 
     @classmethod
     def _inspect(cls, name: str, state_dir: str | os.PathLike[str] | None) -> ShmNonce:

@@ -136,29 +136,26 @@ def open_state_file(path: str, what: str, fix: str, *, create: bool, write: bool
     flags = (os.O_RDWR if write else os.O_RDONLY) | _NOBLOCK
     fd = -1
     for _attempt in range(10):
-        if create:
-            try:
-                fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            except OSError as exc:
-                raise StateError(f"{what} {describe_open_error(exc, path)}; {fix}") from None
-            else:
-                try:
-                    os.fchmod(fd, 0o600)  # a restrictive umask must not leave it unwritable
-                except OSError:
-                    os.close(fd)
-                    raise
-                return fd
         try:
-            fd = os.open(path, flags)
+            fd = os.open(path, flags)  # the common case: it exists
+            break
         except FileNotFoundError:
-            if create:
-                continue  # removed between the two opens: create it again
-            raise
+            if not create:
+                raise
         except OSError as exc:
             raise StateError(f"{what} {describe_open_error(exc, path)}; {fix}") from None
-        break
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue  # created (or something put there) since: open and check it
+        except OSError as exc:
+            raise StateError(f"{what} {describe_open_error(exc, path)}; {fix}") from None
+        try:
+            os.fchmod(fd, 0o600)  # a restrictive umask must not leave it unwritable
+        except OSError:
+            os.close(fd)
+            raise
+        return fd  # ours, new, 0600: nothing to verify
     else:
         raise StateError(f"{what} keeps being created and removed by another process; {fix}")
     try:

@@ -138,3 +138,30 @@ def shared_tmp(prefix: str) -> str:
     path = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
     os.chmod(path, 0o1777)
     return path
+
+
+def remove_segments_under(*prefixes: str) -> None:
+    """Remove every shmnonce segment whose recorded state directory is under a prefix.
+
+    For tests whose sequences live outside the ``state_dir`` fixture (which conftest
+    cleans): other state directories, other users, refused attaches.
+    """
+    import contextlib
+    import struct
+
+    reals = tuple(os.path.realpath(p) + os.sep for p in prefixes)
+    for entry in os.listdir("/dev/shm"):
+        if not entry.startswith("shmnonce_"):
+            continue
+        try:
+            with open(f"/dev/shm/{entry}", "rb", opener=lambda p, f: os.open(p, f | os.O_NONBLOCK)) as fh:
+                head = fh.read(4096)
+        except OSError:
+            continue
+        if len(head) < 4096:
+            continue
+        (n,) = struct.unpack_from("<H", head, 1024)
+        sd = head[1026 : 1026 + n].decode(errors="replace") + os.sep
+        if sd.startswith(reals):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"/dev/shm/{entry}")

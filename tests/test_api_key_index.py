@@ -22,11 +22,17 @@ import pytest
 from shmnonce import ShmNonce, StateError
 from shmnonce._paths import api_key_name
 
-from ._users import User, ensure_user, run_as, shared_tmp
+from ._users import User, ensure_user, remove_segments_under, run_as, shared_tmp
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-api-key-0123456789"
+
+@pytest.fixture(autouse=True)
+def _no_leftover_segments(tmp_path: object) -> Iterator[None]:
+    yield
+    remove_segments_under(str(tmp_path))
+
 
 
 def index_dir() -> str:
@@ -161,6 +167,7 @@ def two_user_host(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[User, str]]
     os.mkdir(home, 0o700)
     os.chown(home, user.uid, user.gid)
     yield user, base
+    remove_segments_under(base)
     shutil.rmtree(base, ignore_errors=True)
 
 

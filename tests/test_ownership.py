@@ -20,9 +20,15 @@ from shmnonce._doctor import run_doctor
 from shmnonce._repair import drop_segment
 from shmnonce._segment import RECORD, RECORD_OFFSET, SIZE
 
-from ._users import User, ensure_user, run_as, shared_tmp, squat_file
+from ._users import User, ensure_user, remove_segments_under, run_as, shared_tmp, squat_file
 
 pytestmark = pytest.mark.timeout(60)
+
+@pytest.fixture(autouse=True)
+def _no_leftover_segments(tmp_path: object) -> Iterator[None]:
+    yield
+    remove_segments_under(str(tmp_path))
+
 
 HOUR = 3600 * 10**9
 
@@ -36,6 +42,7 @@ def other() -> User:
 def shared() -> Iterator[str]:
     path = shared_tmp("shmnonce-own-")
     yield path
+    remove_segments_under(path)
     shutil.rmtree(path, ignore_errors=True)
 
 

@@ -27,9 +27,17 @@ from shmnonce import NonceError, ShmNonce, StateError
 from shmnonce import _posix as backend
 from shmnonce._paths import segment_name
 
+from ._users import remove_segments_under
+
 pytestmark = pytest.mark.timeout(60)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOUR = 3600 * 10**9
+
+@pytest.fixture(autouse=True)
+def _no_leftover_segments(tmp_path: object) -> Iterator[None]:
+    yield
+    remove_segments_under(str(tmp_path))
+
 
 
 def cli(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
@@ -190,6 +198,7 @@ def test_unreadable_own_lock_file_is_a_state_error(state_dir: str) -> None:
         for part in (path, "'ro'", "not accessible", f"chmod 600 {path}"):
             assert part in res.value, (part, res.value)
     finally:
+        remove_segments_under(base)
         shutil.rmtree(base, ignore_errors=True)
 
 

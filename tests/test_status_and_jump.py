@@ -9,14 +9,23 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
 from shmnonce import ShmNonce
 from shmnonce._ceiling import read_ceiling
 
+from ._users import remove_segments_under
+
 pytestmark = pytest.mark.timeout(60)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@pytest.fixture(autouse=True)
+def _no_leftover_segments(tmp_path: object) -> Iterator[None]:
+    yield
+    remove_segments_under(str(tmp_path))
+
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -16,6 +16,7 @@ segment (when no process is attached to it) as if it had been removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import mmap
@@ -77,8 +78,9 @@ def _locked(lock_path: str, name: str) -> Iterator[None]:
 def _map_intact(shm: str, name: str, state_dir: str) -> tuple[bool, mmap.mmap | None]:
     """(found, mapping if it is a shmnonce segment of this version and size).
 
-    A segment that is not this user's private regular file is never read or removed:
-    StateError names it and its owner.
+    Something at the name that is not this user's private regular file (another
+    user's squatted segment, a FIFO, a symlink) is found but never read: the caller
+    removes the name. A directory there raises StateError (``rm -r`` it).
     """
     path = f"/dev/shm/{shm}"
     where = f"shared-memory segment {path} of sequence {name!r}"
@@ -87,11 +89,19 @@ def _map_intact(shm: str, name: str, state_dir: str) -> tuple[bool, mmap.mmap | 
     except FileNotFoundError:
         return False, None
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EACCES, errno.EPERM):
+            log.warning("%s %s: removing the name without reading it", where,
+                        backend.describe_open_error(exc, path))
+            return True, None
         raise StateError(
             f"{where} {backend.describe_open_error(exc, path)}; {owner_fix(shm, name, state_dir)}"
         ) from None
     try:
-        backend.verify_owned(fd, where, owner_fix(shm, name, state_dir))
+        try:
+            backend.verify_owned(fd, where, "")
+        except StateError as exc:
+            log.warning("%s: removing the name without reading it", str(exc).rstrip("; "))
+            return True, None
         if os.fstat(fd).st_size != SIZE:
             return True, None
         buf = backend.shm_map(fd, SIZE)
@@ -122,6 +132,24 @@ def destroy(name: str, state_dir: str | None = None) -> bool:
     return existed or found
 
 
+def _unlink_segment(shm: str) -> None:
+    """Remove the segment's name; StateError naming the owner if this user may not."""
+    try:
+        backend.shm_unlink(shm)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        path = f"/dev/shm/{shm}"
+        try:
+            owner = backend.describe_owner(os.lstat(path).st_uid)
+        except OSError:
+            owner = "another user"
+        raise StateError(
+            f"cannot remove {path}: {exc.strerror}; it belongs to {owner}: have that user or "
+            f"root remove it (rm -r {path}), then run this command again"
+        ) from None
+
+
 def remove_state(
     buf: mmap.mmap | None, shm: str, lock_path: str, queue_path: str, ceiling_path: str
 ) -> None:
@@ -132,8 +160,7 @@ def remove_state(
     if buf is not None:
         mark_unlinked(buf)
     for seg in (shm, shm + TMP_SUFFIX):
-        with contextlib.suppress(FileNotFoundError):
-            backend.shm_unlink(seg)
+        _unlink_segment(seg)
     for path in (ceiling_path, ceiling_path + ".tmp", queue_path, lock_path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -204,6 +231,5 @@ def drop_segment(name: str, state_dir: str | None = None, force: bool = False) -
             mark_unlinked(buf)
             buf.close()
         for seg in (shm, shm + TMP_SUFFIX):
-            with contextlib.suppress(FileNotFoundError):
-                backend.shm_unlink(seg)
+            _unlink_segment(seg)
     return DropResult(found, buf is not None, limit)

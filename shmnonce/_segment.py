@@ -193,9 +193,10 @@ def owner_fix(shm_name: str, seq: str, state_dir: str) -> str:
     return (
         f"if it is this user's segment with a wrong mode, chmod 600 /dev/shm/{shm_name}; "
         f"otherwise it was put there by someone else (another user can create it while the "
-        f"sequence has no segment, e.g. after a reboot): have its owner or root remove it "
-        f"(rm -r /dev/shm/{shm_name}), find out who created it, then attach again: the "
-        f"sequence {seq!r} of {state_dir} resumes above its persisted ceiling"
+        f"sequence has no segment, e.g. after a reboot): find out who made it, then remove it "
+        f"without reading it ('shmnonce drop-segment {seq} --state-dir {state_dir}' as root "
+        f"or its owner, or 'rm -r /dev/shm/{shm_name}') and attach again: the sequence "
+        "resumes above its persisted ceiling"
     )
 
 

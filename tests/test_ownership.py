@@ -9,6 +9,7 @@ owner and the fix, never adopted. Runs as root (CI); the other user is created w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -80,11 +81,15 @@ def test_segment_squatted_by_another_user_is_refused(state_dir: str, other: User
                       "rm -r /dev/shm/")
         rep = run_doctor("sq", state_dir)
         assert not rep.ok and any(f"uid {other.uid}" in f.message for f in rep.findings), rep.as_dict()
-        with pytest.raises(StateError, match=other.name):  # the repair commands refuse it too
-            drop_segment("sq", state_dir)
+        # the fix named: drop-segment (as root) removes it without reading it ...
+        res = drop_segment("sq", state_dir)
+        assert res.segment_found and not res.segment_intact
+        assert res.persisted_ceiling is not None and res.persisted_ceiling >= top
+        assert not os.path.exists(f"/dev/shm/{seg}")
     finally:
-        os.unlink(f"/dev/shm/{seg}")
-    # the fix named: remove it, attach again; the sequence resumes above every value
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/dev/shm/{seg}")
+    # ... and the next attach resumes above every value issued
     with ShmNonce.attach("sq", state_dir) as eng:
         assert eng.next() > top
         eng.unlink()
@@ -271,3 +276,31 @@ def test_files_are_created_exclusively_and_verified(state_dir: str, other: User)
         assert eng.next() > 0
         eng.unlink()
 
+
+
+def test_unprivileged_owner_cannot_drop_another_users_segment(other: User, shared: str) -> None:
+    """drop-segment then names the owner and 'rm -r' for root, instead of a bare EPERM."""
+    owner = ensure_user("shmnonce-t2")
+    home = os.path.join(shared, "owner")
+    os.mkdir(home, 0o700)
+    os.chown(home, owner.uid, owner.gid)
+    sd = os.path.join(home, "state")
+
+    def first() -> str:
+        with ShmNonce.attach("dp", sd) as e:
+            e.next()
+            return e.segment_name
+
+    res = run_as(owner, first)
+    assert res.ok, res.value
+    seg = res.value
+    os.unlink(f"/dev/shm/{seg}")
+    squat_file(other, f"/dev/shm/{seg}", 0o600, bytes(SIZE))
+    try:
+        res = run_as(owner, drop_segment, "dp", sd)
+        assert not res.ok and res.value[2], res.value
+        for part in (f"/dev/shm/{seg}", f"uid {other.uid}", "rm -r"):
+            assert part in res.value[1], (part, res.value)
+        assert os.path.exists(f"/dev/shm/{seg}")
+    finally:
+        os.unlink(f"/dev/shm/{seg}")

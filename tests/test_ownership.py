@@ -19,7 +19,7 @@ import pytest
 from shmnonce import ShmNonce, StateError
 from shmnonce._doctor import run_doctor
 from shmnonce._repair import drop_segment
-from shmnonce._segment import RECORD, RECORD_OFFSET, SIZE
+from shmnonce._segment import SIZE
 
 from ._users import User, ensure_user, remove_segments_under, run_as, shared_tmp, squat_file
 
@@ -47,15 +47,12 @@ def shared() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _lowered_copy(seg: str) -> bytes:
-    """The segment's bytes with its record rewritten one hour lower (the squatter's aim)."""
+def _snapshot(seg: str) -> bytes:
+    """The segment's bytes now: valid in any format, and lower than what comes next."""
     with open(f"/dev/shm/{seg}", "rb") as fh:
-        data = bytearray(fh.read())
+        data = fh.read()
     assert len(data) == SIZE
-    _g, last, _limit, total, prev, reg, _g2 = RECORD.unpack_from(data, RECORD_OFFSET)
-    low = last - HOUR
-    RECORD.pack_into(data, RECORD_OFFSET, 7, low, low + 10**10, total, prev, reg, 7)
-    return bytes(data)
+    return data
 
 
 def _assert_names(msg: str, *parts: str) -> None:
@@ -69,9 +66,10 @@ def _assert_names(msg: str, *parts: str) -> None:
 @pytest.mark.parametrize("mode", [0o666, 0o600])
 def test_segment_squatted_by_another_user_is_refused(state_dir: str, other: User, mode: int) -> None:
     with ShmNonce.attach("sq", state_dir) as eng:
-        top = eng.jump_forward(HOUR)
+        eng.next()
         seg = eng.segment_name
-        copy = _lowered_copy(seg)
+        copy = _snapshot(seg)  # the squatter's aim: a valid segment an hour lower
+        top = eng.jump_forward(HOUR)
     os.unlink(f"/dev/shm/{seg}")  # a reboot: the name is free
     squat_file(other, f"/dev/shm/{seg}", mode, copy)
     try:

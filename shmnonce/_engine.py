@@ -28,10 +28,12 @@ from ._segment import (
     Q_WAITED,
     RECORD,
     RECORD_OFFSET,
+    RECORDS,
     SIZE,
     U64_MAX,
     Record,
     Segment,
+    SegmentRecord,
     open_segment,
     owner_fix,
     read_record,
@@ -554,6 +556,27 @@ class ShmNonce:
             pass
         view = self._views[(offset, size)] = memoryview(self._buf)[offset : offset + size]
         return view
+
+    def record(self, name: str, fields: int) -> SegmentRecord:
+        """The shared record ``name`` of this sequence, at its fixed place in the segment.
+
+        Known names and their capacity: ``_segment.RECORDS`` ("kraken.counter",
+        "kraken.burst", "compat.counters"); an unknown name, or more fields than the
+        record holds, is a ValueError. Updates take the counter lock (microseconds).
+        """
+        place = RECORDS.get(name)
+        if place is None:
+            raise ValueError(
+                f"unknown shared record {name!r} for the shared-memory engine; "
+                f"known: {', '.join(sorted(RECORDS))}"
+            )
+        offset, capacity = place
+        if isinstance(fields, bool) or not isinstance(fields, int) or not 1 <= fields <= capacity:
+            raise ValueError(f"shared record {name!r} holds 1 to {capacity} fields, not {fields!r}")
+        if self._closed:
+            raise NonceError(f"sequence {self.name!r}: this handle is closed")
+        view = self._shared(offset, 8 * (capacity + 2))
+        return SegmentRecord(name, fields, capacity, view, self._counter)
 
     def peek(self) -> int:
         """The last value issued (or the recovered bound after a restart); issues nothing."""

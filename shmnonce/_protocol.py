@@ -17,10 +17,19 @@ import importlib
 import os
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Protocol, TypeVar, cast, runtime_checkable
 
-__all__ = ["ENV_URL", "NonceEngine", "Section", "SharedRecord", "Update", "engine_for_key"]
+__all__ = [
+    "ENV_URL",
+    "NonceEngine",
+    "Section",
+    "SharedRecord",
+    "Update",
+    "engine_for_key",
+    "engine_for_name",
+    "resolve_url",
+]
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
@@ -31,8 +40,10 @@ ENV_URL = "SHMNONCE_URL"
 Update = Callable[[list[int] | None], tuple[Sequence[int], R]]
 """``fn(values) -> (new_values, result)`` for :meth:`SharedRecord.update`.
 
-``values`` is None when the record is new, torn (a writer was killed half-way) or
-otherwise unreadable; ``fn`` then decides the safe restart value. ``fn`` may run
+``values`` is None when the record is torn (a writer was killed half-way) or
+otherwise unreadable; ``fn`` then decides the safe restart value. A record that was
+never written reads as ``fields`` zeros on every engine, so that ``fn`` can tell a
+fresh record (e.g. an empty call counter) from a damaged one (assumed full). ``fn`` may run
 more than once (an engine may retry on a conflicting writer) and must not have
 side effects; it must return exactly ``fields`` values in ``0 .. 2**64-1``.
 """
@@ -63,7 +74,7 @@ class SharedRecord(Protocol):
     def fields(self) -> int: ...
 
     def read(self) -> list[int] | None:
-        """The current values (None: new or torn), without changing them."""
+        """The current values (zeros: never written; None: torn), without changing them."""
         ...
 
     def update(self, fn: Update[R]) -> R:
@@ -107,7 +118,11 @@ class NonceEngine(Protocol):
         ...
 
     def record(self, name: str, fields: int) -> SharedRecord:
-        """The shared record ``name`` of this sequence (see the engine for known names)."""
+        """The shared record ``name`` of this sequence (see the engine for known names).
+
+        Names in use: "kraken.counter" and "kraken.burst" (14 fields each,
+        ``shmnonce._ratelimit``), "compat.counters" (24 fields, ``shmnonce.compat``).
+        """
         ...
 
     def close(self) -> None:
@@ -128,6 +143,39 @@ class NonceEngine(Protocol):
     ) -> None: ...
 
 
+def resolve_url(url: str | None, state_dir: str | os.PathLike[str] | None = None) -> str | None:
+    """The engine URL to use: ``url``, else ``$SHMNONCE_URL``; None means shared memory.
+
+    Checks without connecting: a scheme other than ``redis://``, ``rediss://`` or
+    ``unix://`` is a ``ValueError`` (there is no silent fallback to a weaker engine),
+    so is ``state_dir`` together with a URL; a URL whose engine module is not
+    installed is an ``ImportError`` naming the extra to install.
+    """
+    if url is None:
+        url = os.environ.get(ENV_URL) or None
+    if url is None:
+        return None
+    scheme = url.split("://", 1)[0] if "://" in url else url
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(
+            f"unsupported engine URL scheme {scheme!r}: use redis://, rediss:// or unix:// "
+            f"(or no url and no ${ENV_URL} for shared memory on this host)"
+        )
+    if state_dir is not None:
+        raise ValueError("state_dir= applies to the shared-memory engine, not to url=")
+    _redis_module(scheme)
+    return url
+
+
+def _redis_module(scheme: str) -> ModuleType:
+    try:
+        return importlib.import_module("shmnonce.redis")
+    except ImportError as exc:  # the optional extra is missing
+        raise ImportError(
+            f"url={scheme}://... needs the Redis engine: pip install 'shmnonce[redis]'"
+        ) from exc
+
+
 def engine_for_key(
     api_key: str | bytes,
     *,
@@ -135,31 +183,37 @@ def engine_for_key(
     url: str | None = None,
 ) -> NonceEngine:
     """The engine of one API key: ``url`` (else ``$SHMNONCE_URL``) selects Redis,
-    nothing selects shared memory on this host.
+    nothing selects shared memory on this host (see :func:`resolve_url` for errors).
 
-    A ``url`` of another scheme is a ``ValueError``: there is no silent fallback to
-    a weaker engine.
+    Every engine names the key's sequence ``api_key_name(key)``, so
+    ``engine_for_name(api_key_name(key), ...)`` is the same sequence.
     """
-    if url is None:
-        url = os.environ.get(ENV_URL) or None
-    if url is None:
+    resolved = resolve_url(url, state_dir)
+    if resolved is None:
         from ._engine import ShmNonce
 
-        # cast until ShmNonce has enter(), aserialized() and record() (remove it then)
+        # cast until ShmNonce has enter() and aserialized() (remove it then)
         return cast(NonceEngine, ShmNonce.for_api_key(api_key, state_dir=state_dir))
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        if state_dir is not None:
-            raise ValueError("state_dir= applies to the shared-memory engine, not to url=")
-        try:
-            redis_engine = importlib.import_module("shmnonce.redis")
-        except ImportError as exc:  # the optional extra is missing
-            raise ImportError(
-                f"url={url.split('://', 1)[0]}://... needs the Redis engine: "
-                "pip install 'shmnonce[redis]'"
-            ) from exc
-        engine: NonceEngine = redis_engine.RedisNonce.for_api_key(api_key, url=url)
-        return engine
-    raise ValueError(
-        f"unsupported engine URL scheme in {url.split('://', 1)[0]!r}: use redis://, "
-        "rediss:// or unix:// (or no url for shared memory on this host)"
-    )
+    engine: NonceEngine = _redis_module("redis").RedisNonce.for_api_key(api_key, url=resolved)
+    return engine
+
+
+def engine_for_name(
+    name: str,
+    *,
+    state_dir: str | os.PathLike[str] | None = None,
+    url: str | None = None,
+) -> NonceEngine:
+    """The engine of the sequence ``name``, selected like :func:`engine_for_key`.
+
+    For integrations that know a sequence by name (the compat layer: a configured
+    name, or the hashed name of a key, which is all it keeps of the key).
+    """
+    resolved = resolve_url(url, state_dir)
+    if resolved is None:
+        from ._engine import ShmNonce
+
+        # cast until ShmNonce has enter() and aserialized() (remove it then)
+        return cast(NonceEngine, ShmNonce.attach(name, state_dir))
+    engine: NonceEngine = _redis_module("redis").RedisNonce.attach(name, url=resolved)
+    return engine

@@ -1,37 +1,38 @@
 """Kraken's REST call counter and a start-up burst guard, shared by every process.
 
-Both live in the engine's reserved segment area ``EXT_RATELIMIT`` (256 bytes), so
-all processes attached to a sequence (for Kraken: one sequence per API key) see
-one counter instead of each guessing alone. Layout, little-endian u64 fields:
+Both are named shared records of the sequence's engine (``engine.record()``), so
+all processes using a sequence (for Kraken: one sequence per API key) see one
+counter instead of each guessing alone. Fields (u64):
 
-* bytes 0-127, the call counter: ``gen, tat_ns, calls, cost, waits, wait_ns,
-  max_wait_ns, <6 event counters>, resets, config, gen``;
-* bytes 128-255, the burst guard: ``gen, created_at_ns, next_slot_ns,
-  acquired, waits, wait_ns, max_wait_ns, <8 spare>, gen``.
+* ``kraken.counter`` (14): ``tat_ns, calls, cost, waits, wait_ns, max_wait_ns,
+  <6 event counters>, resets, config``;
+* ``kraken.burst`` (14): ``created_at_ns, next_slot_ns, acquired, waits,
+  wait_ns, max_wait_ns, <8 spare>``.
 
-Each record is bracketed by a generation number written first and last; a
-record whose two generation numbers differ was torn by a killed writer and is
-reset (the counter conservatively to "full"). Times are ``time.monotonic_ns()``,
-one clock for all processes of the host (CLOCK_MONOTONIC), reset with the segment
-at reboot.
+A torn record (a writer was killed half-way; the engine detects it) is reset,
+the counter conservatively to "full"; a record never written is all zeros, an
+empty counter. Times are ``time.monotonic_ns()``, one clock for all processes of
+the host (CLOCK_MONOTONIC); on the shared-memory engine the records are reset
+with the segment at reboot.
 
 The counter is kept as a "theoretical empty time" (GCRA): the level at time t is
 ``max(0, tat - t) * decay``. A call of cost c moves ``tat`` to
 ``max(tat, now) + c / decay`` and may start once the level is at most
-``max_counter - headroom``; the slot is reserved under the engine's short lock
-and the wait happens after the lock is released.
+``max_counter - headroom``. ``reserve()`` takes the slot in one atomic update
+and returns how long to wait; the caller sleeps (``time.sleep`` or
+``asyncio.sleep``) with no lock held.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
 
 __all__ = [
+    "BURST_RECORD",
+    "COUNTER_RECORD",
     "DEFAULT_COSTS",
     "EVENTS",
     "PRESETS",
@@ -41,14 +42,16 @@ __all__ = [
     "resolve_rate_limit",
 ]
 
-from ._segment import EXT_RATELIMIT_OFFSET, EXT_RATELIMIT_SIZE, Bracketed
+from ._protocol import NonceEngine
 
 _NS = 1_000_000_000
 _U64 = (1 << 64) - 1
 
-_FIELDS = 14  # u64 fields between the two generation numbers of a record
-_COUNTER = Bracketed(0, _FIELDS)  # offsets relative to the area's view
-_BURST = Bracketed(128, _FIELDS)
+COUNTER_RECORD = "kraken.counter"
+"""Name of the shared record of the call counter (see ``NonceEngine.record``)."""
+BURST_RECORD = "kraken.burst"
+"""Name of the shared record of the start-up burst guard."""
+_FIELDS = 14  # u64 fields of each record
 
 # Event counters kept in the call-counter record (indices into the body).
 EVENTS: tuple[str, ...] = (
@@ -86,16 +89,6 @@ AddOrder and CancelOrder are on the separate trading-engine limiter. Other order
 methods (AddOrderBatch, EditOrder, CancelAll, ...) are charged 1: charging a call
 Kraken does not count only costs a little waiting, the reverse costs errors.
 """
-
-
-class _Engine(Protocol):
-    """The engine internals this module uses (see the internal hooks brief)."""
-
-    def _short_lock(self) -> AbstractContextManager[object]: ...
-
-    def _shared(self, offset: int, size: int) -> memoryview: ...
-
-    def stats(self) -> Mapping[str, object]: ...
 
 
 @dataclass(frozen=True)
@@ -161,55 +154,33 @@ def resolve_rate_limit(value: str | RateLimit | None) -> RateLimit | None:
 # --------------------------------------------------------------------------- records
 
 
-def _write(record: Bracketed, mv: memoryview, body: list[int]) -> None:
-    """Write a record's body, each field clamped to the u64 range (torn-safe, see Bracketed)."""
-    record.write(mv, [min(max(int(v), 0), _U64) for v in body])
-
-
-class _Area:
-    """Access to the 256-byte EXT_RATELIMIT area under the engine's short lock.
-
-    The view is taken once per handle and reused (the engine keeps every view it
-    hands out until ``close()``, which releases them).
-    """
-
-    def __init__(self, engine: _Engine) -> None:
-        if _BURST.offset + _BURST.struct.size > EXT_RATELIMIT_SIZE:  # pragma: no cover - layout guard
-            raise RuntimeError("EXT_RATELIMIT area is too small")
-        self.engine = engine
-        self._view: memoryview | None = None
-
-    @contextmanager
-    def locked(self) -> Iterator[memoryview]:
-        """The area's memoryview while holding the short lock."""
-        with self.engine._short_lock():
-            if self._view is None:
-                self._view = self.engine._shared(EXT_RATELIMIT_OFFSET, EXT_RATELIMIT_SIZE)
-            yield self._view
+def _clamped(body: list[int]) -> list[int]:
+    """The fields clamped to the u64 range a record holds."""
+    return [min(max(int(v), 0), _U64) for v in body]
 
 
 # --------------------------------------------------------------------------- call counter
 
 
 class CallCounter:
-    """Kraken's per-key REST call counter, shared across processes through the segment.
+    """Kraken's per-key REST call counter, shared by every user of the key's sequence.
 
-    ``acquire(cost)`` reserves the next slot at which the counter stays within
-    ``limit.capacity`` and sleeps until then (outside the lock). With
-    ``limit=None`` nothing waits, but calls and events are still counted.
+    ``reserve(cost)`` takes the next slot at which the counter stays within
+    ``limit.capacity`` and returns the nanoseconds to wait for it; ``acquire(cost)``
+    also sleeps that long (no lock held). With ``limit=None`` nothing waits, but
+    calls and events are still counted.
     """
 
-    def __init__(self, engine: _Engine, limit: RateLimit | None) -> None:
+    def __init__(self, engine: NonceEngine, limit: RateLimit | None) -> None:
         self.limit = limit
-        self._area = _Area(engine)
+        self._record = engine.record(COUNTER_RECORD, _FIELDS)
         self._clock: Callable[[], int] = time.monotonic_ns
         self._sleep: Callable[[float], None] = time.sleep
 
-    def _load(self, mv: memoryview, now: int) -> list[int]:
-        """The counter record; a torn or implausible one is reset to a full counter."""
-        body = _COUNTER.read(mv)  # None: torn
+    def _load(self, body: list[int] | None, now: int) -> list[int]:
+        """The counter fields; a torn or implausible record is reset to a full counter."""
         if body is not None and (body[_C_TAT] == 0 or abs(body[_C_TAT] - now) < _SANE_NS):
-            return body  # tat == 0: fresh area (segment just created), empty counter
+            return list(body)  # tat == 0: never written (fresh segment), an empty counter
         resets = body[_C_RESETS] + 1 if body is not None else 1
         body = [0] * _FIELDS
         body[_C_RESETS] = resets
@@ -223,15 +194,23 @@ class CallCounter:
             return 0
         return (int(self.limit.max_counter * 1000) << 32) | int(self.limit.decay_per_s * 1e6)
 
+    def _snapshot(self) -> tuple[list[int], int]:
+        """(fields, now) read without writing; a torn record reads as reset."""
+        stored = self._record.read()
+        now = self._clock()
+        return self._load(stored, now), now
+
     def reserve(self, cost: int) -> int:
         """Reserve a slot for a call of ``cost``; return the nanoseconds to wait before it."""
         if cost < 0:
             raise ValueError("cost must be >= 0")
-        wait_ns = 0
-        with self._area.locked() as mv:
+        limit = self.limit
+        config = self._config_word()
+
+        def take(stored: list[int] | None) -> tuple[list[int], int]:
             now = self._clock()
-            body = self._load(mv, now)
-            limit = self.limit
+            body = self._load(stored, now)
+            wait_ns = 0
             if limit is not None:
                 cost_ns = int(cost / limit.decay_per_s * _NS)
                 ahead_ns = int(limit.capacity / limit.decay_per_s * _NS)
@@ -239,18 +218,19 @@ class CallCounter:
                 # A call dearer than the capacity waits for an empty counter.
                 wait_ns = max(0, new_tat - now - max(ahead_ns, cost_ns))
                 body[_C_TAT] = new_tat
-                body[_C_CONFIG] = self._config_word()
+                body[_C_CONFIG] = config
             body[_C_CALLS] += 1
             body[_C_COST] += cost
             if wait_ns:
                 body[_C_WAITS] += 1
                 body[_C_WAIT_NS] += wait_ns
                 body[_C_MAX_WAIT] = max(body[_C_MAX_WAIT], wait_ns)
-            _write(_COUNTER, mv, body)
-        return wait_ns
+            return _clamped(body), wait_ns
+
+        return self._record.update(take)
 
     def acquire(self, cost: int = 1) -> float:
-        """Reserve a slot, then sleep until it (outside the lock). Returns seconds waited."""
+        """Reserve a slot, then sleep until it (no lock held). Returns seconds waited."""
         wait_ns = self.reserve(cost)
         if wait_ns:
             self._sleep(wait_ns / _NS)
@@ -259,25 +239,24 @@ class CallCounter:
     def count(self, event: str, n: int = 1) -> None:
         """Add ``n`` to one of the shared ``EVENTS`` counters."""
         idx = _C_EVENT0 + EVENTS.index(event)
-        with self._area.locked() as mv:
-            body = self._load(mv, self._clock())
+
+        def add(stored: list[int] | None) -> tuple[list[int], None]:
+            body = self._load(stored, self._clock())
             body[idx] += n
-            _write(_COUNTER, mv, body)
+            return _clamped(body), None
+
+        self._record.update(add)
 
     def level(self) -> float:
         """The modelled counter level now (0.0 when no limit is set)."""
-        with self._area.locked() as mv:
-            now = self._clock()
-            tat = self._load(mv, now)[_C_TAT]
+        body, now = self._snapshot()
         if self.limit is None:
             return 0.0
-        return max(0, tat - now) / _NS * self.limit.decay_per_s
+        return max(0, body[_C_TAT] - now) / _NS * self.limit.decay_per_s
 
     def stats(self) -> dict[str, object]:
         """Shared counts of this key's calls, waits and Kraken errors (all processes)."""
-        with self._area.locked() as mv:
-            now = self._clock()
-            body = self._load(mv, now)
+        body, now = self._snapshot()
         lim = self.limit
         level = 0.0 if lim is None else max(0, body[_C_TAT] - now) / _NS * lim.decay_per_s
         out: dict[str, object] = {
@@ -314,7 +293,7 @@ class StartupBurstGuard:
 
     def __init__(
         self,
-        engine: _Engine,
+        engine: NonceEngine,
         min_spacing_s: float = 0.5,
         window_s: float = 10.0,
         max_per_s: float = 20.0,
@@ -328,56 +307,68 @@ class StartupBurstGuard:
         self.spacing_s = max(self.min_spacing_s, 1.0 / self.max_per_s if self.max_per_s else 0.0)
         self._spacing_ns = int(self.spacing_s * _NS)
         self._window_ns = int(self.window_s * _NS)
-        self._area = _Area(engine)
+        self._record = engine.record(BURST_RECORD, _FIELDS)
+        self._created: int | None = None
         self._clock: Callable[[], int] = time.monotonic_ns
         self._wall: Callable[[], int] = time.time_ns
         self._sleep: Callable[[float], None] = time.sleep
 
     def _created_at(self) -> int:
-        """Segment creation time (wall ns) from the engine; called outside the short lock."""
-        value = self.engine.stats()["created_at"]
-        if not isinstance(value, int):
-            raise TypeError("engine stats()['created_at'] must be an int (ns)")
-        return value
+        """Sequence creation time (wall ns) from the engine's stats, read once per guard.
+
+        Read with no lock held (``stats()`` takes the engine's lock); the value is
+        fixed for the life of the attached sequence.
+        """
+        if self._created is None:
+            value = self.engine.stats()["created_at"]
+            if not isinstance(value, int):
+                raise TypeError("engine stats()['created_at'] must be an int (ns)")
+            self._created = value
+        return self._created
 
     def _update(self, reserve: bool) -> tuple[list[int], int]:
         """Read (and with ``reserve``, take a slot in) the burst record; return (body, wait_ns).
 
-        A fresh or torn record needs the segment's creation time, which is read
-        outside the lock; then the record is initialised on the second pass.
+        A fresh or torn record is initialised from the sequence's creation time,
+        which is read before the update.
         """
-        created_at: int | None = None
-        while True:
-            with self._area.locked() as mv:
-                stored = _BURST.read(mv)  # None: torn
-                body = stored if stored is not None and stored[_B_CREATED] != 0 else None
-                dirty = body is None
-                if body is None and created_at is not None:
-                    body = [0] * _FIELDS
-                    body[_B_CREATED] = created_at
-                    if stored is None:  # torn by a killed writer: space from now on
-                        body[_B_NEXT] = self._clock() + self._spacing_ns
-                if body is not None:
-                    wait_ns = 0
-                    now = self._clock()
-                    if reserve and self._wall() < body[_B_CREATED] + self._window_ns:
-                        slot = max(now, body[_B_NEXT])
-                        wait_ns = slot - now
-                        body[_B_NEXT] = slot + self._spacing_ns
-                        body[_B_ACQUIRED] += 1
-                        if wait_ns:
-                            body[_B_WAITS] += 1
-                            body[_B_WAIT_NS] += wait_ns
-                            body[_B_MAX_WAIT] = max(body[_B_MAX_WAIT], wait_ns)
-                        dirty = True
-                    if dirty:
-                        _write(_BURST, mv, body)
-                    return body, wait_ns
-            created_at = self._created_at()
+        if not reserve:
+            stored = self._record.read()
+            if stored is not None and stored[_B_CREATED] != 0:
+                return stored, 0  # nothing to initialise: no write
+        created_at = self._created_at()
+
+        def take(stored: list[int] | None) -> tuple[list[int], tuple[list[int], int]]:
+            if stored is not None and stored[_B_CREATED] != 0:
+                body = list(stored)
+            else:
+                body = [0] * _FIELDS
+                body[_B_CREATED] = created_at
+                if stored is None:  # torn by a killed writer: space from now on
+                    body[_B_NEXT] = self._clock() + self._spacing_ns
+            wait_ns = 0
+            now = self._clock()
+            if reserve and self._wall() < body[_B_CREATED] + self._window_ns:
+                slot = max(now, body[_B_NEXT])
+                wait_ns = slot - now
+                body[_B_NEXT] = slot + self._spacing_ns
+                body[_B_ACQUIRED] += 1
+                if wait_ns:
+                    body[_B_WAITS] += 1
+                    body[_B_WAIT_NS] += wait_ns
+                    body[_B_MAX_WAIT] = max(body[_B_MAX_WAIT], wait_ns)
+            body = _clamped(body)
+            return body, (body, wait_ns)
+
+        return self._record.update(take)
+
+    def reserve(self) -> int:
+        """Take this call's slot if inside the start-up window; return the nanoseconds to wait."""
+        return self._update(reserve=True)[1]
 
     def acquire(self) -> float:
         """Wait for this call's slot if inside the start-up window; return seconds waited."""
-        wait_ns = self._update(reserve=True)[1]
+        wait_ns = self.reserve()
         if wait_ns:
             self._sleep(wait_ns / _NS)
         return wait_ns / _NS

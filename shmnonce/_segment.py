@@ -9,8 +9,9 @@ Layout (little-endian, version 2)::
     144   (unused)
     192   queue: gen, tail, head, entries, waited, torn_recoveries, gen
     248   queue check word: XOR of gen .. torn_recoveries (see _queue.py)
-    256   extension area of the Kraken rate limiter (256 bytes)
-    512   extension area of the compat module (256 bytes)
+    256   extension area of the Kraken rate limiter (256 bytes): records
+          "kraken.counter" (256) and "kraken.burst" (384)
+    512   extension area of the compat module (256 bytes): record "compat.counters"
     768   (unused)
     1024  sequence name (64 bytes, NUL padded)
     1088  state_dir (u16 length + UTF-8 bytes), for operators' tools
@@ -46,8 +47,9 @@ import secrets
 import struct
 import time
 import zlib
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, NamedTuple, TypeVar
 
 from . import _posix as backend
 from ._errors import StateError
@@ -84,6 +86,17 @@ SLOT = struct.Struct("<QQ")
 
 FLAG_UNLINKED = 1
 U64_MAX = 2**64 - 1
+
+RECORDS: Mapping[str, tuple[int, int]] = {
+    "kraken.counter": (EXT_RATELIMIT_OFFSET, 14),
+    "kraken.burst": (EXT_RATELIMIT_OFFSET + 128, 14),
+    "compat.counters": (EXT_COMPAT_OFFSET, 24),
+}
+"""Named shared records (``ShmNonce.record``): segment offset and capacity in u64 fields.
+
+Each is a :class:`Bracketed` record of exactly ``capacity`` fields, so its trailing
+generation word has a fixed place whatever number of fields a caller asks for.
+"""
 
 
 class Header(NamedTuple):
@@ -416,3 +429,69 @@ def read_name(buf: mmap.mmap) -> str:
 QUEUE = Bracketed(QUEUE_OFFSET, 5)
 """The section queue's header: tail, head, entries, waited, torn_recoveries."""
 Q_TAIL, Q_HEAD, Q_ENTRIES, Q_WAITED, Q_TORN = range(5)
+
+
+R = TypeVar("R")
+
+
+class SegmentRecord:
+    """A named record of the segment (a ``_protocol.SharedRecord``).
+
+    Read and replaced under the sequence's counter lock, with the torn-write
+    detection of :class:`Bracketed`. A caller asking for fewer fields than the
+    record holds sees a prefix; the other fields are kept on update. A record never
+    written reads as zeros; a torn one as None.
+    """
+
+    __slots__ = ("_capacity", "_fields", "_layout", "_lock", "_name", "_view")
+
+    def __init__(
+        self, name: str, fields: int, capacity: int, view: memoryview,
+        lock: AbstractContextManager[None],
+    ) -> None:
+        self._name = name
+        self._fields = fields
+        self._capacity = capacity
+        self._layout = Bracketed(0, capacity)
+        if view.nbytes < self._layout.struct.size:  # pragma: no cover - layout guard
+            raise ValueError(f"record {name!r} does not fit its view")
+        self._view = view
+        self._lock = lock
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def fields(self) -> int:
+        return self._fields
+
+    def read(self) -> list[int] | None:
+        """The current values (zeros if never written, None if torn)."""
+        with self._lock:
+            values = self._layout.read(self._view)
+        return None if values is None else values[: self._fields]
+
+    def update(self, fn: Callable[[list[int] | None], tuple[Sequence[int], R]]) -> R:
+        """Replace the values with ``fn(values)[0]`` under the counter lock; return ``[1]``.
+
+        ``fn`` runs with the lock held: it must not call the engine.
+        """
+        with self._lock:
+            stored = self._layout.read(self._view)
+            new, result = fn(None if stored is None else stored[: self._fields])
+            values = list(new)
+            if len(values) != self._fields or not all(
+                isinstance(v, int) and 0 <= v <= U64_MAX for v in values
+            ):
+                raise ValueError(
+                    f"record {self._name!r}: update must give {self._fields} ints in 0..2**64-1"
+                )
+            rest = stored[self._fields :] if stored is not None else [0] * (
+                self._capacity - self._fields
+            )
+            self._layout.write(self._view, values + rest)
+        return result
+
+    def __repr__(self) -> str:
+        return f"<SegmentRecord {self._name!r} fields={self._fields}>"

@@ -80,7 +80,7 @@ def _status_without_segment(name: str, state_dir: str) -> dict[str, object]:
 
 def _status(args: argparse.Namespace) -> int:
     """Status of an existing sequence; creates nothing (no segment, file or directory)."""
-    from ._procinfo import find_holder, scan_attached
+    from ._procinfo import find_holder, read_segment, scan_attached
 
     _require_existing(args.name, args.state_dir)
     sd = resolve_state_dir(args.state_dir, args.name, create=False)
@@ -109,8 +109,8 @@ def _status(args: argparse.Namespace) -> int:
             scan = scan_attached(
                 eng.segment_name, base + ".lock", base + ".queue", exclude_pid=os.getpid()
             )
-            seg = eng._shared(0, SIZE)
-            holder = find_holder(seg, base + ".queue", scan.processes)
+            seg = read_segment(eng.segment_name, SIZE)  # a snapshot; the engine keeps its own
+            holder = None if seg is None else find_holder(seg, base + ".queue", scan.processes)
     stats["attached"] = [p.as_dict() for p in scan.processes]
     stats["attached_uninspectable"] = scan.uninspectable
     stats["lock_holder"] = None if holder is None else holder.as_dict()

@@ -10,9 +10,9 @@ Many bots use a "global Kraken nonce manager" module with these names::
 
 That design keeps its state in one process, so two workers of the same bot issue
 colliding nonces and call Kraken in parallel. Here the same names are backed by a
-:class:`~shmnonce.ShmNonce` sequence: nonces are unique and increasing across every
-process on the host, the lock excludes other processes as well as other threads,
-and the statistics are host-wide. Switching is one import::
+shmnonce sequence (shared memory, or Redis with ``url=``): nonces are unique and
+increasing across every process using it, the lock excludes other processes as well
+as other threads, and the statistics cover every process. Switching is one import::
 
     # before
     from bot.global_kraken_nonce import get_global_kraken_nonce, get_kraken_api_lock
@@ -28,8 +28,11 @@ Which sequence is used (first match wins):
    ``shmnonce.kraken.KrakenAPI`` uses for that key (only a hash of the key is kept);
 4. the name ``kraken-global``.
 
-The state directory is ``state_dir=``, else ``SHMNONCE_COMPAT_STATE_DIR``, else the
-engine's default (``SHMNONCE_STATE_DIR``, ``$XDG_STATE_HOME/shmnonce``, ...).
+The engine is Redis when ``configure(url=...)`` or ``SHMNONCE_URL`` names one
+(``redis://``, ``rediss://``, ``unix://``), else shared memory on this host, whose
+state directory is ``state_dir=``, else ``SHMNONCE_COMPAT_STATE_DIR``, else the
+engine's default (``SHMNONCE_STATE_DIR``, ``$XDG_STATE_HOME/shmnonce``, ...). A state
+directory and a URL together are a ``ValueError``.
 The start-up guard takes ``SHMNONCE_COMPAT_STARTUP_WINDOW_S`` (default 10),
 ``SHMNONCE_COMPAT_MIN_SPACING_S`` (0.5) and ``SHMNONCE_COMPAT_MAX_BURST_RATE`` (20).
 A wait of more than 5 s for the API lock is logged as a warning by the engine.
@@ -51,14 +54,13 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
-from ._engine import ShmNonce
 from ._errors import LockTimeout, NonceError
 from ._legacy import LegacyImport, LegacyImportError, import_legacy
 from ._paths import api_key_name, resolve_state_dir, validate_name
+from ._protocol import ENV_URL, NonceEngine, engine_for_name, resolve_url
 from ._ratelimit import StartupBurstGuard
-from ._segment import EXT_COMPAT_OFFSET, EXT_COMPAT_SIZE, Bracketed
 
 __all__ = [
     "CompatLock",
@@ -90,18 +92,16 @@ _NS = 1_000_000_000
 _RING = 16
 """How many of the latest nonce times (host-wide) ``recent_burst_rate`` is computed over."""
 
-# The compat counters in the segment's EXT_COMPAT area (u64, little-endian), bracketed
-# by a generation number at both ends (see Bracketed): started_at (wall ns), nonces,
-# lock_entries, lock_waits, lock_wait_ns, rate_limited, rate_limited_ns, ring_pos,
-# ring[16] (monotonic ns).
+COUNTERS_RECORD = "compat.counters"
+"""The engine's shared record of the compat counters (24 u64 fields): started_at (wall
+ns), nonces, lock_entries, lock_waits, lock_wait_ns, rate_limited, rate_limited_ns,
+ring_pos, ring[16] (monotonic ns)."""
 _STARTED, _NONCES, _ENTRIES, _LWAITS, _LWAIT_NS, _RLIM, _RLIM_NS, _RPOS = range(8)
 _RING0 = 8
-_REC = Bracketed(0, _RING0 + _RING)  # offset relative to the area's view
+_FIELDS = _RING0 + _RING
 _U64 = 2**64 - 1
 _LOCK_WAIT_COUNTED_NS = 1_000_000
 """An API-lock entry that waited longer than this (1 ms) counts in ``api_lock_waits``."""
-
-assert _REC.offset + _REC.struct.size <= EXT_COMPAT_SIZE
 
 
 # --------------------------------------------------------------------------- settings
@@ -120,6 +120,20 @@ def _env_float(var: str, default: float) -> float:
     return value
 
 
+class _Place(NamedTuple):
+    """Where a manager's sequence lives: shared memory (``state_dir``) or Redis (``url``)."""
+
+    name: str
+    state_dir: str | None
+    """The resolved state directory (shared memory), else None."""
+    url: str | None
+    """The engine URL (Redis), else None; never logged or shown (it may hold a password)."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, "url:" + self.url if self.url is not None else "dir:" + str(self.state_dir))
+
+
 @dataclass(frozen=True)
 class _Settings:
     name: str | None = None
@@ -127,6 +141,21 @@ class _Settings:
     startup_window_s: float | None = None
     min_spacing_s: float | None = None
     max_burst_rate: float | None = None
+    url: str | None = None
+
+    def place(self) -> _Place:
+        """The sequence and engine the settings (then the environment) select."""
+        name, state_dir = self.sequence()
+        url = resolve_url(self.url)
+        if url is None:
+            return _Place(name, resolve_state_dir(state_dir), None)
+        if state_dir is not None:
+            raise ValueError(
+                "shmnonce.compat: both a state directory (state_dir= or "
+                f"{ENV_STATE_DIR}) and an engine URL (url= or {ENV_URL}) are set; they "
+                "select different engines: set only one"
+            )
+        return _Place(name, None, url)
 
     def sequence(self) -> tuple[str, str | None]:
         """(sequence name, state_dir or None) from the settings, then the environment."""
@@ -179,6 +208,7 @@ def configure(
     state_dir: str | os.PathLike[str] | None = None,
     *,
     api_key: str | bytes | None = None,
+    url: str | None = None,
     startup_window_s: float | None = None,
     min_spacing_s: float | None = None,
     max_burst_rate: float | None = None,
@@ -188,7 +218,8 @@ def configure(
     Call it before the first use of the other functions; arguments left ``None``
     fall back to the environment variables (see the module docs). ``api_key``
     selects the key's own sequence (the one ``shmnonce.kraken`` uses); the key is
-    only hashed, never stored. Calling it again with other values after the
+    only hashed, never stored. ``url`` selects the Redis engine (None:
+    ``SHMNONCE_URL``, else shared memory). Calling it again with other values after the
     manager was created raises :class:`NonceError`: code holding the old manager
     or lock would otherwise use another sequence than new code.
     """
@@ -207,15 +238,15 @@ def configure(
         name = api_key_name(api_key)  # keep only the hash of the key
     new = _Settings(
         name, None if state_dir is None else os.fspath(state_dir),
-        startup_window_s, min_spacing_s, max_burst_rate,
+        startup_window_s, min_spacing_s, max_burst_rate, url,
     )
+    if url is not None:
+        resolve_url(url)  # a bad URL fails here, not at the first nonce
     with _registry_lock:
         current = _registry.get(_default_key) if _default_key is not None else None
         if current is not None and not current._closed:
-            seq, sd = new.sequence()
             same = (
-                seq == current.engine.name
-                and resolve_state_dir(sd) == current.engine.state_dir
+                new.place().key == current._place.key
                 and new.guard() == current._settings.guard()
             )
             if not same:
@@ -245,45 +276,45 @@ def close_global_nonce_manager() -> None:
 
 
 class _Counters:
-    """Host-wide compat counters in the segment's EXT_COMPAT area (torn-safe).
+    """The compat counters, a shared record of the sequence (torn-safe).
 
-    Updated under the engine's counter lock; the record is bracketed by a generation
-    number written first and last, and a mismatch (a writer killed mid-update)
-    resets the counters, logged as a warning.
+    A torn record (a writer killed mid-update, detected by the engine) restarts the
+    counters from zero, logged as a warning.
     """
 
-    def __init__(self, eng: ShmNonce) -> None:
-        self._eng = eng
-        self._view = eng._shared(EXT_COMPAT_OFFSET, EXT_COMPAT_SIZE)
-
-    def _load(self) -> tuple[list[int], bool, bool]:
-        """(values, torn, reset), lock held: a torn or fresh record is reset to zero."""
-        vals = _REC.read(self._view)
-        torn = vals is None
-        if vals is None or vals[_STARTED] == 0:
-            vals = [0] * (_RING0 + _RING)
-            vals[_STARTED] = time.time_ns()
-            return vals, torn, True
-        return vals, torn, False
+    def __init__(self, eng: NonceEngine) -> None:
+        self._name = eng.name
+        self._record = eng.record(COUNTERS_RECORD, _FIELDS)
 
     def _update(self, apply: Callable[[list[int]], None] | None) -> list[int]:
-        with self._eng._short_lock():
-            vals, torn, reset = self._load()
+        if apply is None:
+            stored = self._record.read()
+            if stored is not None and stored[_STARTED] != 0:
+                return stored  # a plain read: nothing to initialise
+
+        def fn(stored: list[int] | None) -> tuple[list[int], tuple[list[int], bool]]:
+            if stored is None or stored[_STARTED] == 0:  # torn, or never written
+                vals = [0] * _FIELDS
+                vals[_STARTED] = time.time_ns()
+            else:
+                vals = list(stored)
             if apply is not None:
                 apply(vals)
-            if apply is not None or reset:
-                _REC.write(self._view, [min(v, _U64) for v in vals])
+            vals = [min(v, _U64) for v in vals]
+            return vals, (vals, stored is None)
+
+        vals, torn = self._record.update(fn)
         if torn:
             log.warning(
                 "sequence %r: the compat counters were torn (a process was killed while "
-                "updating them); they restart from zero", self._eng.name,
+                "updating them); they restart from zero", self._name,
             )
         return vals
 
     def nonce(self, waited_ns: int) -> None:
         def apply(v: list[int]) -> None:
             v[_NONCES] += 1
-            v[_RING0 + v[_RPOS] % _RING] = time.monotonic_ns()
+            v[_RING0 + v[_RPOS] % _RING] = time.monotonic_ns()  # under the record's lock
             v[_RPOS] += 1
             if waited_ns > 0:
                 v[_RLIM] += 1
@@ -308,17 +339,16 @@ class _Counters:
         self._update(apply)
 
     def reset(self) -> None:
+        now = time.time_ns()
+
         def apply(v: list[int]) -> None:
             v[:] = [0] * len(v)
-            v[_STARTED] = time.time_ns()
+            v[_STARTED] = now
 
         self._update(apply)
 
     def snapshot(self) -> list[int]:
         return self._update(None)
-
-    def release(self) -> None:
-        self._view.release()
 
 
 def _burst_rate(vals: list[int]) -> float:
@@ -449,13 +479,13 @@ class CompatLock:
 
 
 class GlobalKrakenNonceManager:
-    """The manager object, backed by one host-wide :class:`ShmNonce` sequence.
+    """The manager object, backed by one shared sequence (shared memory or Redis).
 
     ``GlobalKrakenNonceManager()`` returns the process-global manager, as the
     original's singleton did. ``GlobalKrakenNonceManager(name, state_dir)`` or
-    ``GlobalKrakenNonceManager(api_key=...)`` (not in the original) returns the
-    manager of another sequence; one manager exists per sequence and process, so
-    all locks of a sequence in a process are the same object.
+    ``GlobalKrakenNonceManager(api_key=...)`` (not in the original; both also take
+    ``url=``) returns the manager of another sequence; one manager exists per
+    sequence and process, so all locks of a sequence in a process are the same object.
     """
 
     STARTUP_RATE_LIMIT_SECONDS: float = 0.5
@@ -464,7 +494,8 @@ class GlobalKrakenNonceManager:
 
     _closed: bool
     _settings: _Settings
-    engine: ShmNonce
+    _place: _Place
+    engine: NonceEngine
     _counters: _Counters
     _guard_obj: StartupBurstGuard | None
     _flag_lock: threading.Lock
@@ -478,23 +509,26 @@ class GlobalKrakenNonceManager:
         state_dir: str | os.PathLike[str] | None = None,
         *,
         api_key: str | bytes | None = None,
+        url: str | None = None,
     ) -> GlobalKrakenNonceManager:
-        if name is None and state_dir is None and api_key is None:
+        if name is None and state_dir is None and api_key is None and url is None:
             return get_global_nonce_manager()
         if name is not None and api_key is not None:
             raise ValueError("give either name or api_key, not both")
         settings = replace(
             _settings, name=name if api_key is None else api_key_name(api_key),
             state_dir=None if state_dir is None else os.fspath(state_dir),
+            url=_settings.url if url is None else url,
         )
         return _manager_for(settings, default=False)
 
     @classmethod
-    def _create(cls, settings: _Settings, name: str, state_dir: str) -> GlobalKrakenNonceManager:
+    def _create(cls, settings: _Settings, place: _Place) -> GlobalKrakenNonceManager:
         self = object.__new__(cls)
         self._settings = settings
+        self._place = place
         self._closed = False
-        self.engine = ShmNonce.attach(name, state_dir)
+        self.engine = engine_for_name(place.name, state_dir=place.state_dir, url=place.url)
         try:
             self._counters = _Counters(self.engine)
         except BaseException:
@@ -510,10 +544,13 @@ class GlobalKrakenNonceManager:
         self._process_issued = 0
         self._api_lock = CompatLock(self)
         _managers.add(self)
-        log.info(
-            "shmnonce.compat: using sequence %r in %s (segment %s)",
-            self.engine.name, self.engine.state_dir, self.engine.segment_name,
-        )
+        if place.url is None:
+            log.info(
+                "shmnonce.compat: using sequence %r in %s (segment %s)",
+                self.engine.name, place.state_dir, self.engine.stats().get("segment"),
+            )
+        else:  # the URL is not logged: it may hold a password
+            log.info("shmnonce.compat: using sequence %r on Redis", self.engine.name)
         return self
 
     def _guard(self) -> StartupBurstGuard:
@@ -629,7 +666,7 @@ class GlobalKrakenNonceManager:
         the sequence issued by any process; ``recent_burst_rate`` is nonces per
         second over the latest 16 such nonces host-wide; ``in_startup_window`` is the
         host-wide guard's window; ``persistence_file`` is the engine's binary ceiling
-        file, not a text file holding the last nonce. ``api_serialization_enabled``
+        file, not a text file holding the last nonce (None on Redis). ``api_serialization_enabled``
         is this process's flag. Added keys: ``sequence``, ``state_dir``,
         ``process_nonces_issued`` (this process), ``sequence_total_issued`` (every
         value of the sequence, including those issued on entering the API lock and
@@ -654,7 +691,7 @@ class GlobalKrakenNonceManager:
             "nonces_per_second": vals[_NONCES] / uptime if uptime > 0 else 0.0,
             "recent_burst_rate": _burst_rate(vals),
             "in_startup_window": bool(guard_stats.get("in_window", False)),
-            "persistence_file": os.path.join(self.engine.state_dir, self.engine.name + ".ceiling"),
+            "persistence_file": self._persistence_file(),
             "rate_limit_config": {
                 "startup_rate_limit_seconds": self.STARTUP_RATE_LIMIT_SECONDS,
                 "max_burst_rate": self.MAX_BURST_RATE,
@@ -663,7 +700,7 @@ class GlobalKrakenNonceManager:
             "initialized_at": started / _NS,
             "api_serialization_enabled": serialization,
             "sequence": self.engine.name,
-            "state_dir": self.engine.state_dir,
+            "state_dir": self._place.state_dir,
             "process_nonces_issued": process_issued,
             "sequence_total_issued": eng_stats["total_issued"],
             "api_lock_entries": vals[_ENTRIES],
@@ -671,8 +708,8 @@ class GlobalKrakenNonceManager:
             "api_lock_wait_seconds": vals[_LWAIT_NS] / _NS,
             "rate_limited_nonces": vals[_RLIM],
             "rate_limit_wait_seconds": vals[_RLIM_NS] / _NS,
-            "clock_regressions": eng_stats["clock_regressions"],
-            "persisted_ceiling": eng_stats["persisted_ceiling"],
+            "clock_regressions": eng_stats.get("clock_regressions"),
+            "persisted_ceiling": eng_stats.get("persisted_ceiling"),
             "startup_guard": guard_stats,
         }
 
@@ -681,14 +718,18 @@ class GlobalKrakenNonceManager:
         if self._closed:
             return
         self._closed = True
-        self._counters.release()
         self.engine.close()
 
+    def _persistence_file(self) -> str | None:
+        """The shared-memory engine's ceiling file (None on Redis)."""
+        if self._place.state_dir is None:
+            return None
+        return os.path.join(self._place.state_dir, self.engine.name + ".ceiling")
+
     def __repr__(self) -> str:
-        return (
-            f"<shmnonce.compat.GlobalKrakenNonceManager sequence={self.engine.name!r} "
-            f"state_dir={self.engine.state_dir!r}>"
-        )
+        where = (f"state_dir={self._place.state_dir!r}" if self._place.url is None
+                 else "engine=redis")
+        return f"<shmnonce.compat.GlobalKrakenNonceManager sequence={self.engine.name!r} {where}>"
 
 
 def _manager_for(settings: _Settings, default: bool) -> GlobalKrakenNonceManager:
@@ -698,11 +739,11 @@ def _manager_for(settings: _Settings, default: bool) -> GlobalKrakenNonceManager
             mgr = _registry.get(_default_key)
             if mgr is not None and not mgr._closed:
                 return mgr
-        name, sd = settings.sequence()
-        key = (name, resolve_state_dir(sd))
+        place = settings.place()
+        key = place.key
         mgr = _registry.get(key)
         if mgr is None or mgr._closed:
-            mgr = GlobalKrakenNonceManager._create(settings, key[0], key[1])
+            mgr = GlobalKrakenNonceManager._create(settings, place)
             _registry[key] = mgr
         if default:
             _default_key = key

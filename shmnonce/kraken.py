@@ -18,17 +18,22 @@ placed), so the error goes to the caller unchanged.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import threading
+import time
 import weakref
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
+from contextvars import ContextVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import krakenex  # type: ignore[import-untyped]
 
 from . import _ratelimit
 from ._errors import NonceError
 from ._paths import api_key_name
+from ._protocol import NonceEngine, engine_for_key, resolve_url
 from ._ratelimit import CallCounter, RateLimit, StartupBurstGuard
 
 __all__ = [
@@ -51,6 +56,9 @@ LOCKOUT = "EGeneral:Temporary lockout"
 
 DEFAULT_RATE_LIMIT = "starter"
 DEFAULT_HTTP_TIMEOUT = 30.0
+_NS = 1_000_000_000
+
+log = logging.getLogger("shmnonce")
 
 T = TypeVar("T")
 
@@ -113,13 +121,51 @@ _BurstOption = bool | Mapping[str, float]
 _GUARDS: weakref.WeakSet[KrakenGuard] = weakref.WeakSet()
 """Every live guard, so that the after-fork hook can give each a fresh lock."""
 
+_LOG_WAIT_INFO_NS = _NS
+"""A rate-limit wait at least this long (1 s) is logged at INFO, shorter ones at DEBUG."""
+
+
+class _Sleep(NamedTuple):
+    """Policy step: wait ``seconds`` (still inside the key's section) before going on."""
+
+    seconds: float
+
+
+class _Send(NamedTuple):
+    """Policy step: send the request once with ``nonce``; reply with an :class:`_Outcome`."""
+
+    nonce: int
+
+
+class _Outcome(NamedTuple):
+    """What one attempt gave: the result or the exception, and Kraken's error list.
+
+    ``errors`` is None when the exception is not a Kraken error response (a timeout,
+    a connection error): the request may have been executed.
+    """
+
+    result: object
+    exc: Exception | None
+    errors: list[str] | None
+
+
+_Step = _Sleep | _Send
+_Policy = Generator[_Step, "_Outcome | None", object]
+
 
 class KrakenGuard:
     """Per-client policy and state: the key's engine, call counter, burst guard, retries.
 
     The key is read from the client on every call (``client.<key_attr>``), so
     ``load_key()`` after construction works; engines are cached by the key's
-    hashed sequence name and the key itself is kept nowhere else.
+    hashed sequence name and the key itself is kept nowhere else. ``url`` selects
+    the engine (None: ``$SHMNONCE_URL``, else shared memory on this host; see
+    ``shmnonce._protocol.engine_for_key``).
+
+    One private call is a policy (:meth:`_policy`: what to wait for, when to take
+    a fresh nonce, what to retry, raise and count) run by a driver: :meth:`call`
+    (threads: ``serialized()``, ``time.sleep``) or :meth:`acall` (asyncio:
+    ``aserialized()``, ``asyncio.sleep``).
     """
 
     def __init__(
@@ -128,6 +174,7 @@ class KrakenGuard:
         *,
         key_attr: str = "key",
         state_dir: str | os.PathLike[str] | None = None,
+        url: str | None = None,
         rate_limit: str | RateLimit | None = DEFAULT_RATE_LIMIT,
         burst_guard: _BurstOption = False,
         invalid_nonce_retries: int = 1,
@@ -137,9 +184,11 @@ class KrakenGuard:
     ) -> None:
         if not isinstance(invalid_nonce_retries, int) or invalid_nonce_retries < 0:
             raise ValueError("invalid_nonce_retries must be an int >= 0")
+        resolve_url(url, state_dir)  # a bad url or url + state_dir fails here, not at the first call
         self._client = weakref.ref(client)
         self._key_attr = key_attr
         self.state_dir = state_dir
+        self.url = url
         self.rate_limit = _ratelimit.resolve_rate_limit(rate_limit)
         self.burst_guard = burst_guard
         self.invalid_nonce_retries = invalid_nonce_retries
@@ -147,8 +196,9 @@ class KrakenGuard:
         self.lock_timeout = lock_timeout
         self.http_timeout = http_timeout
         self._lock = threading.Lock()  # replaced in a forked child, see _after_fork_in_child
-        self._engines: dict[str, tuple[Any, CallCounter, StartupBurstGuard | None]] = {}
-        self._tls = threading.local()
+        self._engines: dict[str, tuple[NonceEngine, CallCounter, StartupBurstGuard | None]] = {}
+        # The nonce of the attempt in progress, per thread and per asyncio task.
+        self._current: ContextVar[int | None] = ContextVar("shmnonce_kraken_nonce", default=None)
         _GUARDS.add(self)
 
     def __repr__(self) -> str:
@@ -164,28 +214,31 @@ class KrakenGuard:
             raise ValueError("the Kraken client has no API key set")
         return key if isinstance(key, str) else key.decode()
 
-    def _parts(self) -> tuple[Any, CallCounter, StartupBurstGuard | None]:
-        name = api_key_name(self._key())
+    def _parts(self) -> tuple[NonceEngine, CallCounter, StartupBurstGuard | None]:
+        key = self._key()
+        name = api_key_name(key)
         parts = self._engines.get(name)
         if parts is not None:
             return parts
-        from . import ShmNonce  # the engine package; imported late to avoid a cycle
-
         with self._lock:
             parts = self._engines.get(name)
             if parts is None:
-                eng = ShmNonce.for_api_key(self._key(), state_dir=self.state_dir)
-                guard: StartupBurstGuard | None = None
-                if self.burst_guard:
-                    opts = {} if self.burst_guard is True else dict(self.burst_guard)
-                    guard = StartupBurstGuard(eng, **opts)
-                parts = (eng, CallCounter(eng, self.rate_limit), guard)
+                eng = engine_for_key(key, state_dir=self.state_dir, url=self.url)
+                try:
+                    burst: StartupBurstGuard | None = None
+                    if self.burst_guard:
+                        opts = {} if self.burst_guard is True else dict(self.burst_guard)
+                        burst = StartupBurstGuard(eng, **opts)
+                    parts = (eng, CallCounter(eng, self.rate_limit), burst)
+                except BaseException:
+                    eng.close()
+                    raise
                 self._engines[name] = parts
         return parts
 
     @property
-    def engine(self) -> Any:
-        """The ``ShmNonce`` sequence of the client's current key."""
+    def engine(self) -> NonceEngine:
+        """The nonce engine (sequence) of the client's current key."""
         return self._parts()[0]
 
     @property
@@ -194,13 +247,99 @@ class KrakenGuard:
         return self._parts()[1]
 
     def current_nonce(self) -> int:
-        """The nonce issued for the call in progress in this thread, else a fresh one."""
-        nonce: int | None = getattr(self._tls, "nonce", None)
+        """The nonce of the call in progress in this thread or task, else a fresh one."""
+        nonce = self._current.get()
         if nonce is not None:
             return nonce
-        return int(self.engine.next())
+        return self.engine.next()
 
-    # -- the private call path
+    # -- the policy of one private call (shared by both drivers)
+
+    def _cost(self, method: str) -> int:
+        limit = self.rate_limit
+        return limit.cost(method) if limit is not None else _ratelimit.DEFAULT_COSTS.get(method, 1)
+
+    def _policy(
+        self,
+        method: str,
+        parts: tuple[NonceEngine, CallCounter, StartupBurstGuard | None],
+        entered_nonce: int,
+    ) -> _Policy:
+        """The steps of one private call inside the key's section; returns the result.
+
+        Yields :class:`_Sleep` (rate-limit waits) and :class:`_Send` (one attempt,
+        answered with an :class:`_Outcome`); raises the errors of the module's
+        retry policy. Runs with the section held: every nonce it sends was issued
+        inside the section, the first on entry, later ones after a wait or a retry.
+        """
+        eng, counter, burst = parts
+        cost = self._cost(method)
+        attempts = 0
+        nonce = entered_nonce
+        while True:
+            waited = False
+            for wait_ns in self._reservations(counter, cost, burst):
+                if wait_ns:
+                    waited = True
+                    _log_wait(eng.name, method, wait_ns)
+                    yield _Sleep(wait_ns / _NS)
+            if waited or attempts:
+                nonce = eng.next()  # fresh, still inside the section
+            attempts += 1
+            outcome = yield _Send(nonce)
+            assert outcome is not None, "the driver answers _Send with an _Outcome"
+            result, exc, errors = outcome
+            if errors is None:  # no Kraken answer: the request may have been executed
+                counter.count("transport_errors")
+                assert exc is not None
+                raise exc
+            response = None if exc is not None else result
+            if _has(errors, INVALID_NONCE):
+                counter.count("invalid_nonce")
+                if attempts <= self.invalid_nonce_retries:
+                    counter.count("retries")
+                    continue
+                counter.count("invalid_nonce_raised")
+                raise KrakenInvalidNonceError(
+                    _invalid_nonce_message(method, attempts, eng.name, nonce),
+                    method=method, errors=errors, response=response,
+                ) from exc
+            if _has(errors, RATE_LIMIT_EXCEEDED):
+                counter.count("rate_limit_errors")
+                if self.raise_errors:
+                    limit = self.rate_limit
+                    raise KrakenRateLimitError(
+                        f"Kraken answered {RATE_LIMIT_EXCEEDED} to {method}: the key's call "
+                        "counter is full. Another client may use this key, or the "
+                        f"rate_limit setting ({limit and limit.name}) is above the "
+                        "account's tier; choose the tier's preset or a custom RateLimit.",
+                        method=method, errors=errors, response=response,
+                    ) from exc
+            if _has(errors, LOCKOUT):
+                counter.count("lockouts")
+                if self.raise_errors:
+                    raise KrakenLockoutError(
+                        f"Kraken answered {LOCKOUT} to {method}: the key is locked out "
+                        "for a while (typically about 15 minutes) after repeated "
+                        "rate-limit or nonce errors. Stop calling with this key until "
+                        "then; calls during the lockout extend it.",
+                        method=method, errors=errors, response=response,
+                    ) from exc
+            if exc is not None:
+                raise exc
+            return result
+
+    @staticmethod
+    def _reservations(
+        counter: CallCounter, cost: int, burst: StartupBurstGuard | None
+    ) -> Iterator[int]:
+        """The waits before an attempt, each reserved after the previous one was waited:
+        the call counter's slot, then the start-up burst guard's slot."""
+        yield counter.reserve(cost)
+        if burst is not None:
+            yield burst.reserve()
+
+    # -- the drivers
 
     def call(
         self,
@@ -209,76 +348,77 @@ class KrakenGuard:
         errors_of: Callable[[T], list[str]],
         errors_of_exc: Callable[[BaseException], list[str] | None],
     ) -> T:
-        """Run one private call: serialize per key, wait for the counter, retry invalid nonces.
+        """Run one private call in this thread: serialize per key, wait, retry invalid nonces.
 
         ``send`` performs the request using ``current_nonce()``; ``errors_of``
         extracts Kraken's error list from a result; ``errors_of_exc`` from an
         exception the client raised for an error response (None: not a Kraken
         error response, e.g. a timeout, which is counted and re-raised).
         """
-        eng, counter, burst = self._parts()
-        limit = self.rate_limit
-        cost = limit.cost(method) if limit is not None else _ratelimit.DEFAULT_COSTS.get(method, 1)
-        attempts = 0
-        with eng.serialized(timeout=self.lock_timeout) as nonce:
-            while True:
-                waited = counter.acquire(cost)
-                if burst is not None:
-                    waited += burst.acquire()
-                if waited or attempts:
-                    nonce = eng.next()  # fresh, still inside the section
-                attempts += 1
-                self._tls.nonce = nonce
-                exc: BaseException | None = None
-                try:
-                    result = send()
-                except Exception as e:
-                    exc = e
-                finally:
-                    self._tls.nonce = None
-                if exc is not None:
-                    errors = errors_of_exc(exc)
-                    if errors is None:
-                        counter.count("transport_errors")
-                        raise exc
-                else:
-                    errors = errors_of(result)
-                if _has(errors, INVALID_NONCE):
-                    counter.count("invalid_nonce")
-                    if attempts <= self.invalid_nonce_retries:
-                        counter.count("retries")
+        parts = self._parts()
+        with parts[0].serialized(timeout=self.lock_timeout) as entered:
+            policy = self._policy(method, parts, entered)
+            try:
+                reply: _Outcome | None = None
+                while True:
+                    try:
+                        step = policy.send(reply)
+                    except StopIteration as done:
+                        return cast(T, done.value)
+                    if isinstance(step, _Sleep):
+                        time.sleep(step.seconds)
+                        reply = None
                         continue
-                    counter.count("invalid_nonce_raised")
-                    raise KrakenInvalidNonceError(
-                        _invalid_nonce_message(method, attempts, eng.name, nonce),
-                        method=method, errors=errors,
-                        response=None if exc is not None else result,
-                    ) from exc
-                if _has(errors, RATE_LIMIT_EXCEEDED):
-                    counter.count("rate_limit_errors")
-                    if self.raise_errors:
-                        raise KrakenRateLimitError(
-                            f"Kraken answered {RATE_LIMIT_EXCEEDED} to {method}: the key's call "
-                            "counter is full. Another client may use this key, or the "
-                            f"rate_limit setting ({limit and limit.name}) is above the "
-                            "account's tier; choose the tier's preset or a custom RateLimit.",
-                            method=method, errors=errors,
-                            response=None if exc is not None else result,
-                        ) from exc
-                if _has(errors, LOCKOUT):
-                    counter.count("lockouts")
-                    if self.raise_errors:
-                        raise KrakenLockoutError(
-                            f"Kraken answered {LOCKOUT} to {method}: the key is locked out "
-                            "for a while (typically about 15 minutes) after repeated "
-                            "rate-limit or nonce errors. Stop calling with this key until "
-                            "then; calls during the lockout extend it.",
-                            method=method, errors=errors,
-                            response=None if exc is not None else result,
-                        ) from exc
-                if exc is not None:
-                    raise exc
-                return result
+                    token = self._current.set(step.nonce)
+                    try:
+                        result = send()
+                    except Exception as e:
+                        reply = _Outcome(None, e, errors_of_exc(e))
+                    else:
+                        reply = _Outcome(result, None, errors_of(result))
+                    finally:
+                        self._current.reset(token)
+            finally:
+                policy.close()
+
+    async def acall(
+        self,
+        method: str,
+        send: Callable[[], Awaitable[T]],
+        errors_of: Callable[[T], Awaitable[list[str]]],
+        errors_of_exc: Callable[[BaseException], list[str] | None],
+    ) -> T:
+        """:meth:`call` for asyncio: the same policy; waits never block the event loop.
+
+        The key's section is entered with ``engine.aserialized()`` (each task is
+        its own entrant) and rate-limit waits are ``asyncio.sleep``. ``send`` and
+        ``errors_of`` are coroutine functions. Cancelling the task leaves the section.
+        """
+        parts = self._parts()
+        async with parts[0].aserialized(timeout=self.lock_timeout) as entered:
+            policy = self._policy(method, parts, entered)
+            try:
+                reply: _Outcome | None = None
+                while True:
+                    try:
+                        step = policy.send(reply)
+                    except StopIteration as done:
+                        return cast(T, done.value)
+                    if isinstance(step, _Sleep):
+                        await asyncio.sleep(step.seconds)
+                        reply = None
+                        continue
+                    token = self._current.set(step.nonce)
+                    try:
+                        result = await send()
+                    except Exception as e:
+                        reply = _Outcome(None, e, errors_of_exc(e))
+                    else:
+                        reply = _Outcome(result, None, await errors_of(result))
+                    finally:
+                        self._current.reset(token)
+            finally:
+                policy.close()
 
     # -- reporting
 
@@ -307,6 +447,15 @@ class KrakenGuard:
             parts, self._engines = list(self._engines.values()), {}
         for eng, _counter, _burst in parts:
             eng.close()
+
+
+def _log_wait(sequence: str, method: str, wait_ns: int) -> None:
+    """Log a rate-limit wait below WARNING: it is routine, not a fault."""
+    log.log(
+        logging.INFO if wait_ns >= _LOG_WAIT_INFO_NS else logging.DEBUG,
+        "sequence %s: %s waits %.3f s for the key's call counter or start-up spacing",
+        sequence, method, wait_ns / _NS,
+    )
 
 
 # --------------------------------------------------------------------------- krakenex
@@ -375,7 +524,9 @@ class KrakenAPI(krakenex.API):  # type: ignore[misc]
     """``krakenex.API`` whose private calls are serialized per key across processes.
 
     Same methods and return values as krakenex. Options (keyword-only):
-    ``rate_limit`` ("starter", "intermediate", "pro", a ``RateLimit`` or None),
+    ``url`` (the engine: None means ``$SHMNONCE_URL``, else shared memory on
+    this host in ``state_dir``; ``redis://...`` selects Redis), ``rate_limit``
+    ("starter", "intermediate", "pro", a ``RateLimit`` or None),
     ``burst_guard`` (False, True or StartupBurstGuard keyword arguments),
     ``invalid_nonce_retries`` (default 1), ``raise_errors`` (raise
     ``KrakenRateLimitError``/``KrakenLockoutError`` instead of returning the
@@ -390,6 +541,7 @@ class KrakenAPI(krakenex.API):  # type: ignore[misc]
         secret: str = "",
         state_dir: str | os.PathLike[str] | None = None,
         *,
+        url: str | None = None,
         rate_limit: str | RateLimit | None = DEFAULT_RATE_LIMIT,
         burst_guard: _BurstOption = False,
         invalid_nonce_retries: int = 1,
@@ -399,7 +551,7 @@ class KrakenAPI(krakenex.API):  # type: ignore[misc]
     ) -> None:
         super().__init__(key, secret)
         self.shmnonce = KrakenGuard(
-            self, state_dir=state_dir, rate_limit=rate_limit, burst_guard=burst_guard,
+            self, state_dir=state_dir, url=url, rate_limit=rate_limit, burst_guard=burst_guard,
             invalid_nonce_retries=invalid_nonce_retries, raise_errors=raise_errors,
             lock_timeout=lock_timeout, http_timeout=http_timeout,
         )
@@ -434,20 +586,22 @@ class KrakenAPI(krakenex.API):  # type: ignore[misc]
 def install(
     api: krakenex.API,
     state_dir: str | os.PathLike[str] | None = None,
+    *,
+    url: str | None = None,
     **options: Any,
 ) -> krakenex.API:
     """Give an existing ``krakenex.API`` instance the guarantees of ``KrakenAPI``.
 
     Overrides the instance's ``_nonce`` and ``query_private`` (the private call
     path) and adds ``api.shmnonce`` (a ``KrakenGuard``, with ``stats()``).
-    ``options`` are those of ``KrakenAPI``. Returns ``api``; installing twice
-    is a no-op.
+    ``url`` and ``options`` are those of ``KrakenAPI``. Returns ``api``;
+    installing twice is a no-op.
     """
     if not isinstance(api, krakenex.API):
         raise TypeError("install() expects a krakenex.API instance")
     if isinstance(getattr(api, "shmnonce", None), KrakenGuard):
         return api
-    guard = KrakenGuard(api, state_dir=state_dir, **options)
+    guard = KrakenGuard(api, state_dir=state_dir, url=url, **options)
     original = api.query_private  # bound: a subclass's own query_private is kept
 
     def query_private(method: str, data: dict[str, Any] | None = None,

@@ -13,8 +13,6 @@ import random
 import struct
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -28,6 +26,7 @@ from shmnonce._ratelimit import (
     StartupBurstGuard,
     resolve_rate_limit,
 )
+from shmnonce._segment import RECORDS, SegmentRecord
 from tests.kraken_server import Workers
 
 NS = 1_000_000_000
@@ -36,7 +35,8 @@ pytestmark = pytest.mark.timeout(90)
 
 
 class StubEngine:
-    """In-memory stand-in for the engine hooks; records misuse of the short lock."""
+    """In-memory stand-in for an engine's records (the segment's layout and record class
+    over a bytearray); records misuse of the lock."""
 
     def __init__(self) -> None:
         self.buf = bytearray(1024)
@@ -44,13 +44,10 @@ class StubEngine:
         self.created_at = time.time_ns()
         self.stats_calls = 0
 
-    @contextmanager
-    def _short_lock(self) -> Iterator[None]:
-        with self.lock:
-            yield
-
-    def _shared(self, offset: int, size: int) -> memoryview:
-        return memoryview(self.buf)[offset:offset + size]
+    def record(self, name: str, fields: int) -> SegmentRecord:
+        offset, capacity = RECORDS[name]
+        view = memoryview(self.buf)[offset:offset + 8 * (capacity + 2)]
+        return SegmentRecord(name, fields, capacity, view, self.lock)  # type: ignore[arg-type]
 
     def stats(self) -> dict[str, object]:
         assert not self.lock.locked(), "stats() called while holding the short lock"
@@ -257,7 +254,7 @@ def test_burst_guard_spaces_calls_in_window() -> None:
     guard, _, eng = fake_guard()
     assert guard.in_window()
     # four callers arriving at the same instant (no sleeping between reservations)
-    waits = [guard._update(reserve=True)[1] / NS for _ in range(4)]
+    waits = [guard.reserve() / NS for _ in range(4)]
     assert waits == pytest.approx([0.0, 0.5, 1.0, 1.5])
     st = guard.stats()
     assert st["acquired"] == 4 and st["waits"] == 3 and st["in_window"] is True

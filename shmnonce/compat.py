@@ -146,15 +146,16 @@ class _Settings:
     def place(self) -> _Place:
         """The sequence and engine the settings (then the environment) select."""
         name, state_dir = self.sequence()
-        url = resolve_url(self.url)
-        if url is None:
-            return _Place(name, resolve_state_dir(state_dir), None)
-        if state_dir is not None:
+        url = self.url if self.url is not None else (os.environ.get(ENV_URL) or None)
+        if url is not None and state_dir is not None:
             raise ValueError(
                 "shmnonce.compat: both a state directory (state_dir= or "
                 f"{ENV_STATE_DIR}) and an engine URL (url= or {ENV_URL}) are set; they "
                 "select different engines: set only one"
             )
+        url = resolve_url(url)
+        if url is None:
+            return _Place(name, resolve_state_dir(state_dir), None)
         return _Place(name, None, url)
 
     def sequence(self) -> tuple[str, str | None]:
@@ -241,7 +242,8 @@ def configure(
         startup_window_s, min_spacing_s, max_burst_rate, url,
     )
     if url is not None:
-        resolve_url(url)  # a bad URL fails here, not at the first nonce
+        # a bad URL fails here, not at the first nonce
+        resolve_url(url, None if state_dir is None else os.fspath(state_dir))
     with _registry_lock:
         current = _registry.get(_default_key) if _default_key is not None else None
         if current is not None and not current._closed:

@@ -199,6 +199,8 @@ class KrakenGuard:
         self._engines: dict[str, tuple[NonceEngine, CallCounter, StartupBurstGuard | None]] = {}
         # The nonce of the attempt in progress, per thread and per asyncio task.
         self._current: ContextVar[int | None] = ContextVar("shmnonce_kraken_nonce", default=None)
+        self._sleep: Callable[[float], None] = time.sleep  # the drivers' waits (tests wrap them)
+        self._asleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         _GUARDS.add(self)
 
     def __repr__(self) -> str:
@@ -366,7 +368,7 @@ class KrakenGuard:
                     except StopIteration as done:
                         return cast(T, done.value)
                     if isinstance(step, _Sleep):
-                        time.sleep(step.seconds)
+                        self._sleep(step.seconds)
                         reply = None
                         continue
                     token = self._current.set(step.nonce)
@@ -405,7 +407,7 @@ class KrakenGuard:
                     except StopIteration as done:
                         return cast(T, done.value)
                     if isinstance(step, _Sleep):
-                        await asyncio.sleep(step.seconds)
+                        await self._asleep(step.seconds)
                         reply = None
                         continue
                     token = self._current.set(step.nonce)

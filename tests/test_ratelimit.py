@@ -381,8 +381,13 @@ def test_burst_guard_shared_by_fork_spawn_and_unrelated(seq: tuple[str, str]) ->
     times = sorted(t for r in results for t in r["times"])
     assert len(times) == 12
     gaps = [(b - a) / NS for a, b in itertools.pairwise(times)]
-    # stamps are taken after each sleep: allow 30 ms of jitter; an unshared guard gives ~0
-    assert min(gaps) >= spacing - 0.03, gaps
+    # Stamps are taken after each sleep: a process descheduled between its wake-up and its
+    # stamp makes one gap short (and the one before it long). Tolerate one such late
+    # stamp; an unshared guard (4 processes spacing only their own calls) gives about 8
+    # gaps near 0 and a span of about 2 spacings instead of 11.
+    short = [g for g in gaps if g < spacing - 0.03]
+    assert len(short) <= 1, gaps
+    assert (times[-1] - times[0]) / NS >= 11 * spacing - 0.03, gaps
     with ShmNonce.attach(*seq) as eng:
         st = StartupBurstGuard(eng, min_spacing_s=spacing, window_s=30.0).stats()
     assert st["acquired"] == 12 and st["in_window"] is True

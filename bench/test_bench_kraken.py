@@ -125,6 +125,51 @@ def test_baseline_global_lock_two_keys(benchmark: Any, server: ServerProcess,
     assert tput <= 1.1 / latency  # one call at a time across both keys
 
 
+class _Client:
+    key = "bench-guard-overhead-key"
+
+
+def test_guard_overhead_per_call(benchmark: Any, state_dir: str) -> None:
+    """The guard's own cost per private call, without HTTP, against bare serialized().
+
+    ``guard.call`` with a no-op request does everything a real call does around the
+    request (the key's section, a call-counter reservation in the shared record, the
+    policy, a context variable for the nonce). Baseline in the same run: entering and
+    leaving ``serialized()`` alone. Floor: the guard adds < 0.5 ms per call, 1% of the
+    50 ms round trip of the throughput rows.
+    """
+    import timeit
+
+    from shmnonce.kraken import KrakenGuard, RateLimit
+
+    client = _Client()
+    # a limit that is updated on every call but never waits in this loop
+    guard = KrakenGuard(client, state_dir=state_dir, rate_limit=RateLimit(3_000_000, 3_000.0))
+    eng = guard.engine
+    ok = {"error": []}
+
+    def call() -> None:
+        guard.call("Balance", lambda: ok, lambda r: [], lambda e: None)
+
+    def bare() -> None:
+        with eng.serialized():
+            pass
+
+    n = 500 if QUICK else 2000
+    try:
+        benchmark.pedantic(call, rounds=5, iterations=n, warmup_rounds=1)
+        guard_s = benchmark.stats.stats.min
+        bare_s = min(timeit.repeat(bare, number=n, repeat=5)) / n
+    finally:
+        guard.close()
+    benchmark.extra_info.update({"guard_call_us": round(guard_s * 1e6, 1),
+                                 "bare_serialized_us": round(bare_s * 1e6, 1),
+                                 "ratio": round(guard_s / bare_s, 2)})
+    print(f"\nguard.call {guard_s * 1e6:.1f} us, serialized() {bare_s * 1e6:.1f} us, "
+          f"ratio {guard_s / bare_s:.2f}")
+    assert guard_s - bare_s < 0.5e-3
+
+
 def test_kraken_table() -> None:
     """Prints the README table from this run's figures."""
     if not RESULTS:

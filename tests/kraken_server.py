@@ -561,11 +561,79 @@ def run_echo(spec: Mapping[str, Any], clients: list[Any]) -> dict[str, Any]:
     return {"pid": os.getpid(), "ok": ok, "mismatched": mismatched, "failed": failed}
 
 
+def run_async_calls(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec['tasks']`` asyncio tasks per key, each making ``spec['calls']`` private calls
+    through python-kraken-sdk's ``SpotAsyncClient`` under ``shmnonce.kraken_sdk.install``
+    (``spec['install']`` False: the plain SDK client, the baseline).
+
+    A 5 ms heartbeat task measures the loop's worst lag meanwhile (``max_lag_s``).
+    """
+    import asyncio
+
+    from kraken.spot import SpotAsyncClient
+
+    from shmnonce.kraken_sdk import install as install_sdk
+
+    options = dict(spec.get("options", {}))
+    errors: dict[str, int] = {}
+    exceptions: dict[str, int] = {}
+    ok = 0
+    worst = 0.0
+
+    async def main() -> tuple[float, float]:
+        nonlocal ok, worst
+        clients = [SpotAsyncClient(key=k, secret=s, url=spec["url"]) for k, s in spec["creds"]]
+        if spec.get("install", True):
+            clients = [install_sdk(c, spec["state_dir"], **options) for c in clients]
+        running = True
+
+        async def beat() -> None:
+            nonlocal worst
+            while running:
+                t = time.monotonic()
+                await asyncio.sleep(0.005)
+                worst = max(worst, time.monotonic() - t - 0.005)
+
+        async def task(client: Any) -> None:
+            nonlocal ok
+            for _ in range(int(spec["calls"])):
+                try:
+                    await client.request("POST", f"/0/private/{spec.get('method', 'Balance')}")
+                except Exception as exc:  # counted; the test decides
+                    exceptions[type(exc).__name__] = exceptions.get(type(exc).__name__, 0) + 1
+                else:
+                    ok += 1
+
+        heartbeat = asyncio.create_task(beat())
+        try:
+            delay = float(spec.get("start_at", 0.0)) - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t0 = time.time()
+            await asyncio.gather(*(task(c) for c in clients for _ in range(int(spec["tasks"]))))
+            t1 = time.time()
+        finally:
+            running = False
+            await heartbeat
+            for c in clients:
+                await c.close()
+                if hasattr(c, "shmnonce"):
+                    c.shmnonce.close()
+        return t0, t1
+
+    t0, t1 = asyncio.run(main())
+    return {"pid": os.getpid(), "ok": ok, "errors": errors, "exceptions": exceptions,
+            "t0": t0, "t1": t1, "max_lag_s": worst}
+
+
 def run_task(spec: Mapping[str, Any], clients: list[Any] | None = None) -> dict[str, Any]:
-    """Dispatch a worker spec: ``task`` is ``calls`` (default), ``limiter`` or ``echo``."""
+    """Dispatch a worker spec: ``task`` is ``calls`` (default), ``async_calls``, ``limiter``
+    or ``echo``."""
     task = spec.get("task", "calls")
     if task == "limiter":
         return run_limiter(spec)
+    if task == "async_calls":
+        return run_async_calls(spec)
     if task == "echo":
         return run_echo(spec, clients if clients is not None else make_clients(spec))
     return run_calls(spec, clients)

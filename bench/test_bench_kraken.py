@@ -170,6 +170,61 @@ def test_guard_overhead_per_call(benchmark: Any, state_dir: str) -> None:
     assert guard_s - bare_s < 0.5e-3
 
 
+def test_async_guard_overhead_per_call(benchmark: Any, state_dir: str) -> None:
+    """``guard.acall`` with a no-op request against bare ``aserialized()``, same run and loop.
+
+    Floor: the guard adds < 0.5 ms per call (as for the sync driver).
+    """
+    import asyncio
+
+    from shmnonce.kraken import KrakenGuard, RateLimit
+
+    if not hasattr(ShmNonce, "aserialized"):
+        pytest.skip("needs ShmNonce.aserialized()")
+    client = _Client()
+    guard = KrakenGuard(client, state_dir=state_dir, rate_limit=RateLimit(3_000_000, 3_000.0))
+    eng = guard.engine
+    ok = {"error": []}
+    n = 500 if QUICK else 2000
+
+    async def send() -> Any:
+        return ok
+
+    async def no_errors(result: Any) -> list[str]:
+        return []
+
+    async def calls() -> None:
+        for _ in range(n):
+            await guard.acall("Balance", send, no_errors, lambda e: None)
+
+    async def bare() -> None:
+        for _ in range(n):
+            async with eng.aserialized():
+                pass
+
+    async def best_of(fn: Any, rounds: int = 5) -> float:
+        best = float("inf")
+        for _ in range(rounds):
+            t = time.perf_counter()
+            await fn()
+            best = min(best, (time.perf_counter() - t) / n)
+        return best
+
+    async def both() -> tuple[float, float]:
+        return await best_of(calls), await best_of(bare)
+
+    try:
+        guard_s, bare_s = benchmark.pedantic(lambda: asyncio.run(both()), rounds=1, iterations=1)
+    finally:
+        guard.close()
+    benchmark.extra_info.update({"acall_us": round(guard_s * 1e6, 1),
+                                 "bare_aserialized_us": round(bare_s * 1e6, 1),
+                                 "ratio": round(guard_s / bare_s, 2)})
+    print(f"\nguard.acall {guard_s * 1e6:.1f} us, aserialized() {bare_s * 1e6:.1f} us, "
+          f"ratio {guard_s / bare_s:.2f}")
+    assert guard_s - bare_s < 0.5e-3
+
+
 def test_kraken_table() -> None:
     """Prints the README table from this run's figures."""
     if not RESULTS:

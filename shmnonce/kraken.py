@@ -1,13 +1,16 @@
-"""Kraken private calls serialized per API key across processes (krakenex).
+"""Kraken private calls serialized per API key across processes (krakenex; the guard).
 
 Kraken rejects a private call whose nonce is not above the last one it accepted
 for the key, so issuing increasing nonces is not enough: a request issued
 earlier can arrive later. ``KrakenAPI`` (and ``install`` on an existing
-``krakenex.API``) therefore issues the nonce inside the key's
-``serialized()`` section and leaves the section only when the response (or an
+``krakenex.API``) therefore issues the nonce inside the key's section
+(``serialized()``) and leaves the section only when the response (or an
 error) is back. Different keys use different sequences and never wait for each
 other. Inside the section a shared model of Kraken's call counter (see
 ``shmnonce._ratelimit``) delays calls that would exceed the key's rate limit.
+``KrakenGuard`` holds this policy once, for the threads of krakenex and the
+python-kraken-sdk clients (``call``) and for asyncio clients (``acall``, with
+``aserialized()`` and ``asyncio.sleep``); ``shmnonce.kraken_sdk`` uses it too.
 
 Retry policy: a response ``EAPI:Invalid nonce`` means Kraken rejected the
 request before doing anything, so it is retried (once by default) with a fresh
@@ -150,7 +153,7 @@ class _Outcome(NamedTuple):
 
 
 _Step = _Sleep | _Send
-_Policy = Generator[_Step, "_Outcome | None", object]
+_Policy = Generator[_Step, _Outcome | None, object]
 
 
 class KrakenGuard:

@@ -482,7 +482,7 @@ class SegmentRecord:
             new, result = fn(None if stored is None else stored[: self._fields])
             values = list(new)
             if len(values) != self._fields or not all(
-                isinstance(v, int) and 0 <= v <= U64_MAX for v in values
+                type(v) is int and 0 <= v <= U64_MAX for v in values
             ):
                 raise ValueError(
                     f"record {self._name!r}: update must give {self._fields} ints in 0..2**64-1"

@@ -126,7 +126,8 @@ def test_invalid_update_writes_nothing(eng: ShmNonce) -> None:
     rec = eng.record("kraken.counter", 14)
     rec.update(lambda old: ([3] * 14, None))
     before = raw_segment(eng)
-    for bad in ([1] * 13, [-1] + [0] * 13, [U64_MAX + 1] + [0] * 13, [1.5] + [0] * 13):
+    for bad in ([1] * 13, [-1] + [0] * 13, [U64_MAX + 1] + [0] * 13, [1.5] + [0] * 13,
+                [True] + [0] * 13):
         with pytest.raises(ValueError, match="14 ints"):
             rec.update(lambda old, bad=bad: (bad, None))
     with pytest.raises(ZeroDivisionError):

@@ -155,10 +155,12 @@ def resolve_url(url: str | None, state_dir: str | os.PathLike[str] | None = None
         url = os.environ.get(ENV_URL) or None
     if url is None:
         return None
-    scheme = url.split("://", 1)[0] if "://" in url else url
+    # Only the scheme is ever shown: the rest of a URL may hold a password.
+    scheme = url.split("://", 1)[0] if "://" in url else ""
     if not url.startswith(("redis://", "rediss://", "unix://")):
+        shown = f"scheme {scheme!r}" if scheme else "URL without a scheme"
         raise ValueError(
-            f"unsupported engine URL scheme {scheme!r}: use redis://, rediss:// or unix:// "
+            f"unsupported engine URL scheme: {shown}; use redis://, rediss:// or unix:// "
             f"(or no url and no ${ENV_URL} for shared memory on this host)"
         )
     if state_dir is not None:

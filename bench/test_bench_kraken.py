@@ -179,8 +179,6 @@ def test_async_guard_overhead_per_call(benchmark: Any, state_dir: str) -> None:
 
     from shmnonce.kraken import KrakenGuard, RateLimit
 
-    if not hasattr(ShmNonce, "aserialized"):
-        pytest.skip("needs ShmNonce.aserialized()")
     client = _Client()
     guard = KrakenGuard(client, state_dir=state_dir, rate_limit=RateLimit(3_000_000, 3_000.0))
     eng = guard.engine

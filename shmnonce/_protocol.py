@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import ModuleType, TracebackType
-from typing import Protocol, TypeVar, cast, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 __all__ = [
     "ENV_URL",
@@ -194,8 +194,8 @@ def engine_for_key(
     if resolved is None:
         from ._engine import ShmNonce
 
-        # cast until ShmNonce has enter() and aserialized() (remove it then)
-        return cast(NonceEngine, ShmNonce.for_api_key(api_key, state_dir=state_dir))
+        shm: NonceEngine = ShmNonce.for_api_key(api_key, state_dir=state_dir)
+        return shm
     engine: NonceEngine = _redis_module("redis").RedisNonce.for_api_key(api_key, url=resolved)
     return engine
 
@@ -215,7 +215,7 @@ def engine_for_name(
     if resolved is None:
         from ._engine import ShmNonce
 
-        # cast until ShmNonce has enter() and aserialized() (remove it then)
-        return cast(NonceEngine, ShmNonce.attach(name, state_dir))
+        shm: NonceEngine = ShmNonce.attach(name, state_dir)
+        return shm
     engine: NonceEngine = _redis_module("redis").RedisNonce.attach(name, url=resolved)
     return engine

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
-from typing import ClassVar
 
 from shmnonce import LockTimeout
 from shmnonce._segment import RECORDS, SegmentRecord
@@ -110,35 +109,3 @@ class DoubleEngine:
                  tb: TracebackType | None) -> None:
         self.close()
 
-
-class AsyncSectionShim:
-    """A real engine plus an in-process ``aserialized()`` (an ``asyncio.Lock`` per
-    sequence and loop, then ``serialized()`` entered and left without waiting).
-
-    Only for tests that need ``aserialized`` on the shared-memory engine before it has
-    its own: it excludes the tasks of one loop, and other processes only while a task
-    holds it (entering ``serialized()`` may block the loop while another process holds
-    the section). Tests use the engine's own ``aserialized`` as soon as it exists.
-    """
-
-    _locks: ClassVar[dict[tuple[str, int], asyncio.Lock]] = {}
-
-    def __init__(self, engine: object) -> None:
-        self._engine = engine
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._engine, name)
-
-    @contextlib.asynccontextmanager
-    async def aserialized(self, timeout: float | None = None) -> AsyncIterator[int]:
-        key = (self._engine.name, id(asyncio.get_running_loop()))  # type: ignore[attr-defined]
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        try:
-            await asyncio.wait_for(lock.acquire(), timeout)
-        except TimeoutError:
-            raise LockTimeout("shim: section timeout") from None
-        try:
-            with self._engine.serialized(timeout) as nonce:  # type: ignore[attr-defined]
-                yield nonce
-        finally:
-            lock.release()

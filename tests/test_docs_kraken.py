@@ -17,7 +17,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from shmnonce import ShmNonce
 from tests.kraken_server import ServerProcess
 
 pytestmark = pytest.mark.timeout(90)
@@ -53,8 +52,6 @@ def test_the_page_has_the_examples() -> None:
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_example_runs(index: int, server: ServerProcess, state_dir: str) -> None:
     block = BLOCKS[index]
-    if "SpotAsyncClient" in block and not hasattr(ShmNonce, "aserialized"):
-        pytest.skip("needs ShmNonce.aserialized() (section-queue work)")
     key, secret = server.register("docs")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHMNONCE_")}
     env.update(TEST_KRAKEN_URL=server.url, TEST_KRAKEN_KEY=key, TEST_KRAKEN_SECRET=secret,

@@ -24,8 +24,7 @@ from shmnonce import ShmNonce
 from tests.kraken_server import ServerProcess, Workers
 
 pytestmark = pytest.mark.timeout(120)
-needs_aserialized = pytest.mark.skipif(
-    not hasattr(ShmNonce, "aserialized"), reason="needs ShmNonce.aserialized() (section-queue work)")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -40,7 +39,6 @@ def _spec(srv: ServerProcess, creds: list[tuple[str, str]], state_dir: str, **kw
             "options": {"rate_limit": None}, "start_at": time.time() + 2.0, **kw}
 
 
-@needs_aserialized
 def test_async_tasks_and_sync_processes_share_a_key(server: ServerProcess, state_dir: str) -> None:
     """An async process (10 tasks) and 2 sync krakenex processes on one key.
 
@@ -91,7 +89,6 @@ def test_baseline_async_client_without_shmnonce_gets_invalid_nonces(server: Serv
     assert ks["invalid_nonce"] > 0 and errors > 0
 
 
-@needs_aserialized
 def test_async_bot_example(server: ServerProcess, state_dir: str) -> None:
     server.configure(latency_s=0.01)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KRAKEN_API_")}

@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 from kraken.spot import SpotAsyncClient, SpotWSClient
 
-import shmnonce.kraken as kraken_mod
 from shmnonce import ShmNonce
 from shmnonce.kraken import (
     KrakenGuard,
@@ -28,7 +27,6 @@ from shmnonce.kraken import (
     KrakenRateLimitError,
 )
 from shmnonce.kraken_sdk import install
-from tests._engine_double import AsyncSectionShim
 from tests.kraken_server import ServerProcess
 
 pytestmark = pytest.mark.timeout(60)
@@ -38,20 +36,6 @@ pytestmark = pytest.mark.timeout(60)
 def server() -> Iterator[ServerProcess]:
     with ServerProcess() as srv:
         yield srv
-
-
-@pytest.fixture(autouse=True)
-def async_section(monkeypatch: pytest.MonkeyPatch) -> str:
-    """The engine's own aserialized() when it has one, else the in-process shim."""
-    if hasattr(ShmNonce, "aserialized"):
-        return "engine"
-    real = kraken_mod.engine_for_key
-
-    def with_shim(key: str | bytes, **kw: Any) -> Any:
-        return AsyncSectionShim(real(key, **kw))
-
-    monkeypatch.setattr(kraken_mod, "engine_for_key", with_shim)
-    return "shim"
 
 
 def make(srv: ServerProcess, label: str, state_dir: str, **kw: Any) -> SpotAsyncClient:
@@ -212,7 +196,7 @@ def test_transport_error_not_retried(server: ServerProcess, state_dir: str) -> N
 
 def test_ws_client_token_request_goes_through_the_section(server: ServerProcess, state_dir: str) -> None:
     """SpotWSClient.start() asks GetWebSocketsToken through request(): that is the private call."""
-    websockets = pytest.importorskip("websockets")
+    import websockets  # a dependency of python-kraken-sdk
     key, secret = server.register("A")
 
     async def main() -> tuple[dict[str, object], int, object]:

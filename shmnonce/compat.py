@@ -35,7 +35,7 @@ engine's default (``SHMNONCE_STATE_DIR``, ``$XDG_STATE_HOME/shmnonce``, ...). A 
 directory and a URL together are a ``ValueError``.
 The start-up guard takes ``SHMNONCE_COMPAT_STARTUP_WINDOW_S`` (default 10),
 ``SHMNONCE_COMPAT_MIN_SPACING_S`` (0.5) and ``SHMNONCE_COMPAT_MAX_BURST_RATE`` (20).
-A wait of more than 5 s for the API lock is logged as a warning by the engine.
+A wait of more than 5 s for the API lock is logged at INFO by the engine.
 
 Each function documents where it differs from the single-process original.
 :func:`import_legacy` (from ``shmnonce._legacy``) raises a sequence above the values
@@ -51,7 +51,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -59,7 +58,7 @@ from typing import Any, NamedTuple
 from ._errors import LockTimeout, NonceError
 from ._legacy import LegacyImport, LegacyImportError, import_legacy
 from ._paths import api_key_name, resolve_state_dir, validate_name
-from ._protocol import ENV_URL, NonceEngine, engine_for_name, resolve_url
+from ._protocol import ENV_URL, NonceEngine, Section, engine_for_name, resolve_url
 from ._ratelimit import StartupBurstGuard
 
 __all__ = [
@@ -372,12 +371,11 @@ def _burst_rate(vals: list[int]) -> float:
 class _Hold:
     pid: int
     depth: int
-    section: AbstractContextManager[int]
-    nonce: int
+    section: Section
 
 
 class CompatLock:
-    """The API lock: ``engine.serialized()`` made re-entrant per thread.
+    """The API lock: the engine's section (``engine.enter()``) made re-entrant per thread.
 
     Differences from the original ``threading.RLock``:
 
@@ -385,17 +383,17 @@ class CompatLock:
       the threads of this process; waiters are served in arrival order and the lock
       is freed if its holder dies (even by SIGKILL);
     * re-entrant like the original's RLock: the outermost ``acquire()`` of a thread
-      enters ``serialized()``, nested ones only count, and the section is left at the
-      matching outermost ``release()``. (``ShmNonce.serialized()`` itself raises
+      enters the section, nested ones only count, and the section is left at the
+      matching outermost ``release()``. (The engine's ``serialized()`` itself raises
       ``NonceError`` when a thread enters it twice; code written for the RLock nests
       ``with get_kraken_api_lock():`` blocks, so the compat lock counts instead.)
       Only the thread that acquired may release (``RuntimeError`` otherwise);
     * a child forked while a thread held the lock does not hold it: the section
       belongs to the parent;
-    * entering issues one nonce inside the section (``serialized()`` does); it is
+    * entering issues one nonce inside the section (the engine's section does); it is
       available as :attr:`nonce` and counts in ``sequence_total_issued``, not in
       ``total_nonces_issued``;
-    * a wait longer than 5 s is logged as a warning (by the engine's ``serialized()``).
+    * a wait longer than 5 s is logged at INFO on the ``shmnonce`` logger (by the engine).
     """
 
     def __init__(self, manager: GlobalKrakenNonceManager) -> None:
@@ -424,19 +422,18 @@ class CompatLock:
             hold.depth += 1
             return True
         wait: float | None = 0.0 if not blocking else (None if timeout == -1 else float(timeout))
-        section = self._mgr.engine.serialized(timeout=wait)
         t0 = time.monotonic_ns()
         try:
-            nonce = section.__enter__()
+            section = self._mgr.engine.enter(timeout=wait)
         except LockTimeout:
             return False
         waited_ns = time.monotonic_ns() - t0
-        self._local.hold = _Hold(os.getpid(), 1, section, nonce)
+        self._local.hold = _Hold(os.getpid(), 1, section)
         try:
             self._mgr._lock_entered(waited_ns)
         except BaseException:
             self._local.hold = None
-            section.__exit__(None, None, None)
+            section.leave()
             raise
         return True
 
@@ -448,7 +445,7 @@ class CompatLock:
         hold.depth -= 1
         if hold.depth == 0:
             self._local.hold = None
-            hold.section.__exit__(None, None, None)
+            hold.section.leave()
 
     def _is_owned(self) -> bool:
         """True if the calling thread holds the lock (the RLock's private helper)."""
@@ -458,7 +455,7 @@ class CompatLock:
     def nonce(self) -> int | None:
         """The nonce issued when this thread entered (None if it does not hold the lock)."""
         hold = self._hold()
-        return None if hold is None else hold.nonce
+        return None if hold is None else hold.section.nonce
 
     def __enter__(self) -> bool:
         return self.acquire()

@@ -11,9 +11,10 @@ counter instead of each guessing alone. Fields (u64):
 
 A torn record (a writer was killed half-way; the engine detects it) is reset,
 the counter conservatively to "full"; a record never written is all zeros, an
-empty counter. Times are ``time.monotonic_ns()``, one clock for all processes of
-the host (CLOCK_MONOTONIC); on the shared-memory engine the records are reset
-with the segment at reboot.
+empty counter. Every user of a record must read the same clock (see
+:func:`record_clocks`): on one host ``time.monotonic_ns()`` (CLOCK_MONOTONIC, the
+same for all processes; the shared-memory records are reset with the segment at
+reboot), on an engine whose users span hosts the engine's ``server_time_ns()``.
 
 The counter is kept as a "theoretical empty time" (GCRA): the level at time t is
 ``max(0, tat - t) * decay``. A call of cost c moves ``tat`` to
@@ -29,6 +30,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import cast
 
 __all__ = [
     "BURST_RECORD",
@@ -154,6 +156,22 @@ def resolve_rate_limit(value: str | RateLimit | None) -> RateLimit | None:
 # --------------------------------------------------------------------------- records
 
 
+def record_clocks(engine: NonceEngine) -> tuple[Callable[[], int], Callable[[], int]]:
+    """(interval clock, wall clock) in ns for the records of ``engine``'s sequence.
+
+    The stored times are compared with the clock of whoever reads them next, so all
+    users must read one clock. Processes of one host share CLOCK_MONOTONIC and the
+    wall clock. The monotonic clocks of two hosts are unrelated (each counts from its
+    own boot), so an engine whose users span hosts offers ``server_time_ns()`` (the
+    Redis engine: the server's ``TIME``), used for both.
+    """
+    server = getattr(engine, "server_time_ns", None)
+    if callable(server):
+        clock = cast(Callable[[], int], server)
+        return clock, clock
+    return time.monotonic_ns, time.time_ns
+
+
 def _clamped(body: list[int]) -> list[int]:
     """The fields clamped to the u64 range a record holds."""
     return [min(max(int(v), 0), _U64) for v in body]
@@ -174,7 +192,7 @@ class CallCounter:
     def __init__(self, engine: NonceEngine, limit: RateLimit | None) -> None:
         self.limit = limit
         self._record = engine.record(COUNTER_RECORD, _FIELDS)
-        self._clock: Callable[[], int] = time.monotonic_ns
+        self._clock: Callable[[], int] = record_clocks(engine)[0]
         self._sleep: Callable[[float], None] = time.sleep
 
     def _load(self, body: list[int] | None, now: int) -> list[int]:
@@ -309,8 +327,7 @@ class StartupBurstGuard:
         self._window_ns = int(self.window_s * _NS)
         self._record = engine.record(BURST_RECORD, _FIELDS)
         self._created: int | None = None
-        self._clock: Callable[[], int] = time.monotonic_ns
-        self._wall: Callable[[], int] = time.time_ns
+        self._clock, self._wall = record_clocks(engine)
         self._sleep: Callable[[float], None] = time.sleep
 
     def _created_at(self) -> int:

@@ -126,3 +126,32 @@ def test_sync_and_async_calls_through_redis(redis_url: str, kraken: ServerProces
         api.close()
     assert PASSWORD not in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_call_counter_on_redis_uses_the_servers_clock(redis_url: str) -> None:
+    """Counters of one key on two hosts compare times of one clock: the server's.
+
+    Each host's monotonic clock counts from its own boot; the second counter below
+    stands for another host by reading a monotonic clock 3 days ahead. Mixed with a
+    counter on the server's clock, its times look implausible and the shared record is
+    reset (to a full counter) again and again: the failure that the server clock avoids.
+    """
+    import time
+
+    from shmnonce._ratelimit import CallCounter, record_clocks
+
+    limit = RateLimit(3, 1.0, headroom=0)
+    with redis_engine.RedisNonce.attach("clock-a", url=redis_url) as a, \
+            redis_engine.RedisNonce.attach("clock-a", url=redis_url) as b:
+        assert record_clocks(a) == (a.server_time_ns, a.server_time_ns)
+        host1, host2 = CallCounter(a, limit), CallCounter(b, limit)
+        waits = [c.reserve(1) for c in (host1, host2, host1, host2)]
+        assert waits[:3] == [0, 0, 0] and 0.9e9 < waits[3] <= 1.0e9
+        assert host1.stats()["area_resets"] == 0 and host1.stats()["calls"] == 4
+    with redis_engine.RedisNonce.attach("clock-b", url=redis_url) as a, \
+            redis_engine.RedisNonce.attach("clock-b", url=redis_url) as b:
+        host1, other = CallCounter(a, limit), CallCounter(b, limit)
+        other._clock = lambda: time.monotonic_ns() + 3 * 86_400 * 10**9
+        for c in (host1, other, host1, other):
+            c.reserve(1)
+        assert host1.stats()["area_resets"] >= 3

@@ -393,6 +393,15 @@ def test_burst_guard_shared_by_fork_spawn_and_unrelated(seq: tuple[str, str]) ->
     assert st["acquired"] == 12 and st["in_window"] is True
 
 
+def test_shared_memory_records_use_the_hosts_clocks(seq: tuple[str, str]) -> None:
+    from shmnonce import ShmNonce
+    from shmnonce._ratelimit import record_clocks
+
+    with ShmNonce.attach(*seq) as eng:
+        assert record_clocks(eng) == (time.monotonic_ns, time.time_ns)
+        assert CallCounter(eng, None)._clock is time.monotonic_ns
+
+
 def test_burst_window_follows_segment_creation(seq: tuple[str, str]) -> None:
     from shmnonce import ShmNonce
 

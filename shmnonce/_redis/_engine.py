@@ -618,8 +618,8 @@ class RedisRecord:
         return self._fields
 
     def _decode(self, raw: str | None) -> list[int] | None:
-        if raw is None:
-            return None
+        if raw is None:  # never written: zeros, as every engine (see _protocol.Update)
+            return [0] * self._fields
         parts = raw.split(",")
         if len(parts) != self._fields or not all(p.isdigit() and len(p) <= 20 for p in parts):
             return None
@@ -635,7 +635,7 @@ class RedisRecord:
         return ",".join(str(v) for v in vals)
 
     def read(self) -> list[int] | None:
-        """The current values (None: new or unreadable), without changing them."""
+        """The current values (zeros: never written; None: unreadable), without changing them."""
         eng = self._eng
         if eng._closed:
             raise eng._unusable()

@@ -13,6 +13,7 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
 from typing import Any
 
+from . import _fork
 from . import _posix as backend
 from ._ceiling import Ceiling, read_ceiling, write_ceiling
 from ._errors import NonceError, StateError
@@ -100,8 +101,9 @@ def _is_at(fd: int, path: str) -> bool:
     return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
 
 
-os.register_at_fork(
-    before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child
+_fork.register(
+    _fork.ENGINES,
+    before=_before_fork, after_in_parent=_after_fork_parent, after_in_child=_after_fork_child,
 )
 
 

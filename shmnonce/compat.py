@@ -55,6 +55,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, NamedTuple
 
+from . import _fork
 from ._errors import LockTimeout, NonceError
 from ._legacy import LegacyImport, LegacyImportError, import_legacy
 from ._paths import api_key_name, resolve_state_dir, validate_name
@@ -200,7 +201,7 @@ def _after_fork_child() -> None:
         mgr._flag_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_child)
+_fork.register(_fork.ADAPTERS, after_in_child=_after_fork_child)
 
 
 def configure(

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import krakenex  # type: ignore[import-untyped]
 
-from . import _ratelimit
+from . import _fork, _ratelimit
 from ._errors import NonceError
 from ._paths import api_key_name
 from ._protocol import NonceEngine, engine_for_key, resolve_url
@@ -488,8 +488,7 @@ def _after_fork_in_child() -> None:
             session.close()  # closes pooled connections; the session stays usable
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_fork.register(_fork.ADAPTERS, after_in_child=_after_fork_in_child)
 
 
 def _krakenex_errors(result: Any) -> list[str]:

@@ -22,6 +22,7 @@ import os
 import weakref
 from typing import Any
 
+from . import _fork
 from .kraken import INVALID_NONCE, LOCKOUT, RATE_LIMIT_EXCEEDED, KrakenGuard
 
 __all__ = ["install"]
@@ -46,8 +47,7 @@ def _drop_inherited_connections() -> None:
             session.close()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_inherited_connections)
+_fork.register(_fork.ADAPTERS, after_in_child=_drop_inherited_connections)
 
 
 def _result_errors(result: Any) -> list[str]:

@@ -19,6 +19,7 @@ import redis
 import redis.asyncio
 import redis.exceptions as rx
 
+from .. import _fork
 from .._errors import LockTimeout, NonceError, StateError
 from .._paths import api_key_name, validate_name
 from .._protocol import ENV_URL, NonceEngine, Section, SharedRecord, Update
@@ -56,7 +57,7 @@ def _after_fork_child() -> None:
         eng._aclients = {}
 
 
-os.register_at_fork(after_in_child=_after_fork_child)
+_fork.register(_fork.ENGINES, after_in_child=_after_fork_child)
 
 
 class RedisSection:

@@ -200,7 +200,38 @@ def run_async(spec: Mapping[str, Any]) -> dict[str, Any]:
     return asyncio.run(_run_async(spec))
 
 
+def public_echo(exchange: Any, params: dict[str, str]) -> Any:
+    """The Kraken test server's public ``Echo`` through ccxt's request path (api as ccxt has it)."""
+    import inspect
+
+    api = inspect.getattr_static(type(exchange), "public_get_time").api
+    return exchange.request("Echo", api, "GET", params)
+
+
+def run_echo(spec: Mapping[str, Any], exchange: Any) -> dict[str, Any]:
+    """Public calls whose answers must carry this process's own parameters."""
+    _wait_start(spec)
+    ok = mismatched = failed = 0
+    t0 = time.time()
+    for i in range(int(spec["calls"])):
+        mine = {"pid": str(os.getpid()), "i": str(i)}
+        try:
+            res = public_echo(exchange, mine)
+        except Exception:
+            failed += 1
+            continue
+        if res.get("result") == mine:
+            ok += 1
+        else:
+            mismatched += 1
+    return {"pid": os.getpid(), "ok": ok, "mismatched": mismatched, "failed": failed,
+            "exceptions": {}, "t0": t0, "t1": time.time()}
+
+
 def run(spec: Mapping[str, Any], exchange: Any | None = None) -> dict[str, Any]:
+    if spec.get("task") == "echo":
+        return run_echo(spec, exchange if exchange is not None else make_exchange(
+            spec, *spec["creds"]))
     if spec.get("mode", "sync") == "async":
         return run_async(spec)
     return run_sync(spec, exchange)

@@ -28,6 +28,7 @@ from tests._ccxt_workers import (
     Pool,
     make_exchange,
     private_call,
+    public_echo,
     release,
     totals,
 )
@@ -412,26 +413,36 @@ def test_throttle_inside_section_would_fail_the_check(server: ServerProcess,
 # --------------------------------------------------------------------------- processes
 
 
-def _pool(srv_url: str, creds: tuple[str, str], state_dir: str, exchange: str,
-          do_install: bool, calls: int, inherited: Any | None = None) -> dict[str, Any]:
-    """A forked, a spawned and an unrelated process, started together at a barrier."""
-    barrier = tempfile.mkdtemp(dir=os.path.dirname(state_dir))
-    spec: dict[str, Any] = {"exchange": exchange, "url": srv_url, "creds": list(creds),
-                            "state_dir": state_dir, "install": do_install,
-                            "options": {"rate_limit": None}, "calls": calls,
-                            "barrier": barrier}
+def _pool(spec: dict[str, Any], sync_kinds: tuple[str, ...] = ("fork", "spawn", "unrelated"),
+          inherited: Any | None = None, async_spec: dict[str, Any] | None = None,
+          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Sync processes of the given kinds (+ an unrelated async one), started at a barrier.
+
+    ``fork`` children inherit ``inherited`` (an exchange built and used in the parent).
+    """
+    barrier = tempfile.mkdtemp(dir=os.path.dirname(spec["state_dir"]))
+    spec = {**spec, "barrier": barrier}
     with Pool() as pool:
-        if inherited is not None:
-            pool.fork(spec, inherited)
-        else:
-            pool.fork(spec)
-        pool.spawn(spec)
-        pool.unrelated(spec)
-        release(barrier, 3)
+        for kind in sync_kinds:
+            if kind == "fork":
+                pool.fork(spec, inherited)
+            elif kind == "spawn":
+                pool.spawn(spec)
+            else:
+                pool.unrelated(spec)
+        if async_spec is not None:
+            pool.unrelated({**spec, **async_spec, "mode": "async"})
+        release(barrier, len(sync_kinds) + (async_spec is not None))
         results = pool.results()
     # the processes did run at the same time (a late starter would hide the race)
     assert max(r["t0"] for r in results) < min(r["t1"] for r in results), results
-    return totals(results)
+    return totals(results), results
+
+
+def kraken_spec(srv: ServerProcess, creds: tuple[str, str], state_dir: str, **kw: Any
+                ) -> dict[str, Any]:
+    return {"exchange": "kraken", "url": srv.url, "creds": list(creds), "state_dir": state_dir,
+            "install": True, "options": {"rate_limit": None}, "calls": 20, **kw}
 
 
 def test_sync_processes_no_invalid_nonce_one_in_flight(server: ServerProcess,
@@ -439,15 +450,29 @@ def test_sync_processes_no_invalid_nonce_one_in_flight(server: ServerProcess,
     """Forked (exchange inherited from the parent), spawned and unrelated processes, one key."""
     server.configure(latency_s=0.01)
     key, secret = server.register("A")
-    parent = make_exchange({"url": server.url, "state_dir": state_dir,
-                            "options": {"rate_limit": None}}, key, secret)
-    parent.private_post_balance()  # a pooled keep-alive connection the fork must not share
+    spec = kraken_spec(server, (key, secret), state_dir)
+    parent = make_exchange(spec, key, secret)
+    parent.private_post_balance()  # a pooled keep-alive connection the forks must not share
     server.reset()
-    out = _pool(server.url, (key, secret), state_dir, "kraken", True, 20, inherited=parent)
+    out, _ = _pool(spec, ("fork", "fork", "spawn", "unrelated"), inherited=parent)
     ks = server.stats()["keys"]["A"]
-    assert out["ok"] == 60 and out["exceptions"] == {}
+    assert out["ok"] == 80 and out["exceptions"] == {}
     assert (ks["accepted"], ks["invalid_nonce"], ks["bad_signature"], ks["max_inflight"]) == (
-        60, 0, 0, 1)
+        80, 0, 0, 1)
+    parent.shmnonce.close()
+
+
+def test_forked_children_do_not_share_the_parents_connection(server: ServerProcess,
+                                                             state_dir: str) -> None:
+    """Public calls are not serialized: without the after-fork hook two children inheriting
+    one keep-alive connection would read each other's answers."""
+    server.configure(latency_s=0.005)
+    key, secret = server.register("A")
+    spec = kraken_spec(server, (key, secret), state_dir, task="echo", calls=100)
+    parent = make_exchange(spec, key, secret)
+    public_echo(parent, {"warm": "1"})  # leaves a pooled keep-alive connection
+    _, results = _pool(spec, ("fork", "fork"), inherited=parent)
+    assert [(r["ok"], r["mismatched"], r["failed"]) for r in results] == [(100, 0, 0)] * 2
     parent.shmnonce.close()
 
 
@@ -456,10 +481,43 @@ def test_sync_processes_without_shmnonce_get_invalid_nonces(server: ServerProces
     """The same pool with plain ccxt: the test above can fail."""
     server.configure(latency_s=0.01)
     key, secret = server.register("A")
-    out = _pool(server.url, (key, secret), state_dir, "kraken", False, 20)
+    spec = kraken_spec(server, (key, secret), state_dir, install=False)
+    out, _ = _pool(spec, ("fork", "fork", "spawn", "unrelated"))
     ks = server.stats()["keys"]["A"]
     assert ks["invalid_nonce"] > 0
     assert out["exceptions"].get("InvalidNonce", 0) == ks["invalid_nonce"]
+
+
+RATE = (10, 5.0, 1.0)  # max counter, decay per second, headroom: a fast tier for the test
+
+
+def rate_pool(server: ServerProcess, state_dir: str, calls: int,
+              async_spec: dict[str, Any] | None = None) -> tuple[float, float, dict[str, Any]]:
+    """3 sync processes (+ an async one) with ccxt's default throttle on, shmnonce's model on.
+
+    Returns (wall time, the model's bound, the server's key stats).
+    """
+    server.configure(latency_s=0.02, rate_max=RATE[0], rate_decay=RATE[1])
+    key, secret = server.register("A")
+    spec = kraken_spec(server, (key, secret), state_dir, calls=calls, enable_rate_limit=True,
+                       options={"rate_limit": list(RATE)})
+    out, _ = _pool(spec, ("fork", "spawn", "unrelated"), async_spec=async_spec)
+    n = out["ok"]
+    assert out["exceptions"] == {}
+    # The model admits max - headroom at once, then one call per 1/decay s; calls are
+    # serialized, so each adds the server's latency (and client overhead) to the span.
+    bound = max(0.0, n - (RATE[0] - RATE[2])) / RATE[1] + n * (0.02 + 0.02) + 1.0
+    return out["t1"] - out["t0"], bound, server.stats()["keys"]["A"]
+
+
+def test_rate_model_bounds_the_pool_not_ccxts_throttle(server: ServerProcess,
+                                                       state_dir: str) -> None:
+    """ccxt's enableRateLimit (default on) spaces Kraken private calls 3 s apart per
+    instance: 6 calls per process would take >= 15 s, >= 51 s if it slept in the section."""
+    wall, bound, ks = rate_pool(server, state_dir, calls=6)
+    assert ks["accepted"] == 18 and ks["rate_limited"] == 0 and ks["invalid_nonce"] == 0
+    assert ks["max_level"] <= RATE[0]  # the pool stayed under the key's limit together
+    assert (18 - (RATE[0] - RATE[2])) / RATE[1] * 0.9 <= wall <= bound, (wall, bound)
 
 
 # --------------------------------------------------------------------------- another exchange
@@ -473,7 +531,8 @@ def coincheck() -> Iterator[CoincheckServer]:
 
 def test_coincheck_processes_one_key(coincheck: CoincheckServer, state_dir: str) -> None:
     key, secret = coincheck.register("C")
-    out = _pool(coincheck.url, (key, secret), state_dir, "coincheck", True, 20)
+    out, _ = _pool({"exchange": "coincheck", "url": coincheck.url, "creds": [key, secret],
+                    "state_dir": state_dir, "options": {}, "calls": 20})
     ks = coincheck.stats()["keys"]["C"]
     assert out["ok"] == 60 and out["exceptions"] == {}
     assert (ks["accepted"], ks["invalid_nonce"], ks["bad_signature"], ks["max_inflight"]) == (
@@ -484,7 +543,8 @@ def test_coincheck_processes_one_key(coincheck: CoincheckServer, state_dir: str)
 def test_coincheck_without_shmnonce_gets_invalid_nonces(coincheck: CoincheckServer,
                                                         state_dir: str) -> None:
     key, secret = coincheck.register("C")
-    out = _pool(coincheck.url, (key, secret), state_dir, "coincheck", False, 20)
+    out, _ = _pool({"exchange": "coincheck", "url": coincheck.url, "creds": [key, secret],
+                    "state_dir": state_dir, "install": False, "calls": 20})
     ks = coincheck.stats()["keys"]["C"]
     assert ks["invalid_nonce"] > 0
     assert out["exceptions"].get("ExchangeError", 0) == ks["invalid_nonce"]

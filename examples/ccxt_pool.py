@@ -66,6 +66,7 @@ def register_with_test_server(url: str, key: str, secret: str) -> None:
 
 def configure(exchange: Any, args: dict[str, Any]) -> Any:
     """Point the exchange at ``--url`` and install shmnonce on it."""
+    exchange.enableRateLimit = args["ccxt_throttle"]
     if args["url"] is not None:
         exchange.urls["api"] = {"public": args["url"], "private": args["url"]}
     return install(exchange, state_dir=args["state_dir"], rate_limit=args["rate_limit"])
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=2, help="calls per sync worker and task")
     parser.add_argument("--rate-limit", default="starter",
                         choices=["starter", "intermediate", "pro", "none"])
+    parser.add_argument("--no-ccxt-throttle", action="store_true",
+                        help="enableRateLimit=False (with --rate-limit none: no waiting at all)")
     parser.add_argument("--state-dir", default=None)
     parser.add_argument("--test-server", action="store_true",
                         help="register the key with the local test server")
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.test_server:
         register_with_test_server(args.url, key, secret)
     shared = {"url": args.url, "calls": args.calls, "tasks": args.tasks,
-              "state_dir": args.state_dir,
+              "state_dir": args.state_dir, "ccxt_throttle": not args.no_ccxt_throttle,
               "rate_limit": None if args.rate_limit == "none" else args.rate_limit}
     t0 = time.monotonic()
     # spawn: every worker is a fresh process (the same works with fork)

@@ -197,6 +197,11 @@ def _no_errors(result: object) -> list[str]:
     return []
 
 
+async def _ano_errors(result: object) -> list[str]:
+    """:func:`_no_errors` for the guard's asyncio driver."""
+    return []
+
+
 _DUALS: dict[tuple[type[BaseException], type[KrakenError]], type[KrakenError]] = {}
 
 
@@ -412,9 +417,9 @@ class _Installed:
         token = _CALL.set(call)
         method = str(path)
         try:
-            acall = self.guard.acall  # type: ignore[attr-defined]
-            return await acall(method, lambda: self.fetch2(path, api, *args, **kwargs),
-                               _no_errors, self.errors_of_exc)
+            return await self.guard.acall(  # type: ignore[attr-defined]
+                method, lambda: self.fetch2(path, api, *args, **kwargs), _ano_errors,
+                self.errors_of_exc)
         except KrakenError as err:
             translated = self.translate(err, method, call)
             if translated is err:
@@ -524,8 +529,9 @@ def install(
     nanosecond nonces is one-way: see the module documentation.
     """
     ccxt = _ccxt()
-    base_sync = _ccxt("ccxt.base.exchange").Exchange
-    if not isinstance(exchange, base_sync):
+    base = _ccxt("ccxt.base.exchange")
+    root = getattr(base, "BaseExchange", base.Exchange)  # 4.5: the sync and async classes' root
+    if not isinstance(exchange, root):
         raise TypeError("install() expects a ccxt exchange instance (e.g. ccxt.kraken(...))")
     if isinstance(getattr(exchange, "shmnonce", None), KrakenGuard):
         return exchange
@@ -554,6 +560,10 @@ def install(
                         http_timeout=None, **guard_kwargs, **options)
     errors_of_exc = _kraken_errors_of_exc(ccxt) if is_kraken else _generic_errors_of_exc(ccxt)
     state = _Installed(exchange, guard, ccxt, is_async, private, errors_of_exc)
+    if getattr(exchange, "apiKey", None):
+        # Attach now (files, segment, an fsync on creation) rather than inside the first
+        # private call, which in asyncio would run on the event loop.
+        guard.engine  # noqa: B018
     exchange.shmnonce = guard
     exchange.nonce = state.next_nonce
     if callable(getattr(exchange, "incrementing_nonce", None)):

@@ -29,6 +29,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -151,7 +152,21 @@ def run_sync(spec: Mapping[str, Any], exchange: Any | None = None) -> dict[str, 
 
 
 async def _run_async(spec: Mapping[str, Any]) -> dict[str, Any]:
-    exchange = make_exchange(spec, *spec["creds"])
+    glue = None
+    if spec.get("blocking_glue"):
+        # The baseline of the loop-lag test: plain ccxt with hand-written glue that waits
+        # for the key with the *sync* section, blocking the event loop meanwhile.
+        from shmnonce import ShmNonce
+
+        exchange = make_exchange({**spec, "install": False}, *spec["creds"])
+        glue = ShmNonce.for_api_key(spec["creds"][0], state_dir=spec["state_dir"])
+        box = {"nonce": 0}
+        exchange.nonce = exchange.incrementing_nonce = lambda: box["nonce"]
+    else:
+        exchange = make_exchange(spec, *spec["creds"])
+    # ccxt builds its aiohttp session and SSL context on first use, synchronously (about
+    # 50-100 ms here): done before the measured window, as a bot does at start-up.
+    exchange.open()
     ok = 0
     exceptions: dict[str, int] = {}
     lags: list[float] = []
@@ -169,7 +184,12 @@ async def _run_async(spec: Mapping[str, Any]) -> dict[str, Any]:
         nonlocal ok
         for _ in range(int(spec["calls"])):
             try:
-                await private_call(exchange)
+                if glue is None:
+                    await private_call(exchange)
+                else:
+                    with glue.serialized() as nonce:  # blocks the loop while others hold it
+                        box["nonce"] = nonce
+                        await private_call(exchange)
                 ok += 1
             except Exception as exc:
                 _count(exceptions, exc)
@@ -189,6 +209,8 @@ async def _run_async(spec: Mapping[str, Any]) -> dict[str, Any]:
         guard = getattr(exchange, "shmnonce", None)
         if guard is not None:
             guard.close()
+        if glue is not None:
+            glue.close()
     lags.sort()
     return {"pid": os.getpid(), "mode": "async", "ok": ok, "exceptions": exceptions,
             "t0": t0, "t1": t1, "max_lag_s": lags[-1] if lags else 0.0,
@@ -340,6 +362,61 @@ def totals(results: list[dict[str, Any]]) -> dict[str, Any]:
             exceptions[k] = exceptions.get(k, 0) + v
     return {"ok": sum(r["ok"] for r in results), "exceptions": exceptions,
             "t0": min(r["t0"] for r in results), "t1": max(r["t1"] for r in results)}
+
+
+def run_pool(spec: dict[str, Any],
+             sync_kinds: tuple[str, ...] = ("fork", "spawn", "unrelated"),
+             inherited: Any | None = None, async_spec: dict[str, Any] | None = None,
+             ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Sync processes of the given kinds (+ an unrelated async one), started at a barrier.
+
+    ``fork`` children inherit ``inherited`` (an exchange built and used in the parent).
+    """
+    barrier = tempfile.mkdtemp(dir=os.path.dirname(spec["state_dir"]))
+    spec = {**spec, "barrier": barrier}
+    with Pool() as pool:
+        for kind in sync_kinds:
+            if kind == "fork":
+                pool.fork(spec, inherited)
+            elif kind == "spawn":
+                pool.spawn(spec)
+            else:
+                pool.unrelated(spec)
+        if async_spec is not None:
+            pool.unrelated({**spec, **async_spec, "mode": "async"})
+        release(barrier, len(sync_kinds) + (async_spec is not None))
+        results = pool.results()
+    # the processes did run at the same time (a late starter would hide the race)
+    assert max(r["t0"] for r in results) < min(r["t1"] for r in results), results
+    return totals(results), results
+
+
+def kraken_spec(srv: Any, creds: tuple[str, str], state_dir: str, **kw: Any
+                ) -> dict[str, Any]:
+    return {"exchange": "kraken", "url": srv.url, "creds": list(creds), "state_dir": state_dir,
+            "install": True, "options": {"rate_limit": None}, "calls": 20, **kw}
+
+
+RATE = (10, 5.0, 1.0)  # max counter, decay per second, headroom: a fast tier for the test
+
+
+def rate_pool(server: Any, state_dir: str, calls: int,
+              async_spec: dict[str, Any] | None = None) -> tuple[float, float, dict[str, Any]]:
+    """3 sync processes (+ an async one) with ccxt's default throttle on, shmnonce's model on.
+
+    Returns (wall time, the model's bound, the server's key stats).
+    """
+    server.configure(latency_s=0.02, rate_max=RATE[0], rate_decay=RATE[1])
+    key, secret = server.register("A")
+    spec = kraken_spec(server, (key, secret), state_dir, calls=calls, enable_rate_limit=True,
+                       options={"rate_limit": list(RATE)})
+    out, _ = run_pool(spec, ("fork", "spawn", "unrelated"), async_spec=async_spec)
+    n = out["ok"]
+    assert out["exceptions"] == {}
+    # The model admits max - headroom at once, then one call per 1/decay s; calls are
+    # serialized, so each adds the server's latency (and client overhead) to the span.
+    bound = max(0.0, n - (RATE[0] - RATE[2])) / RATE[1] + n * (0.02 + 0.02) + 1.0
+    return out["t1"] - out["t0"], bound, server.stats()["keys"]["A"]
 
 
 # --------------------------------------------------------------------------- Coincheck stand-in

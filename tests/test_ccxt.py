@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -23,14 +22,15 @@ from shmnonce.kraken import (
     RateLimit,
 )
 from tests._ccxt_workers import (
+    RATE,
     STANDIN_NONCE_ERROR,
     CoincheckServer,
-    Pool,
+    kraken_spec,
     make_exchange,
     private_call,
     public_echo,
-    release,
-    totals,
+    rate_pool,
+    run_pool,
 )
 from tests.kraken_server import ServerProcess
 
@@ -413,38 +413,6 @@ def test_throttle_inside_section_would_fail_the_check(server: ServerProcess,
 # --------------------------------------------------------------------------- processes
 
 
-def _pool(spec: dict[str, Any], sync_kinds: tuple[str, ...] = ("fork", "spawn", "unrelated"),
-          inherited: Any | None = None, async_spec: dict[str, Any] | None = None,
-          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Sync processes of the given kinds (+ an unrelated async one), started at a barrier.
-
-    ``fork`` children inherit ``inherited`` (an exchange built and used in the parent).
-    """
-    barrier = tempfile.mkdtemp(dir=os.path.dirname(spec["state_dir"]))
-    spec = {**spec, "barrier": barrier}
-    with Pool() as pool:
-        for kind in sync_kinds:
-            if kind == "fork":
-                pool.fork(spec, inherited)
-            elif kind == "spawn":
-                pool.spawn(spec)
-            else:
-                pool.unrelated(spec)
-        if async_spec is not None:
-            pool.unrelated({**spec, **async_spec, "mode": "async"})
-        release(barrier, len(sync_kinds) + (async_spec is not None))
-        results = pool.results()
-    # the processes did run at the same time (a late starter would hide the race)
-    assert max(r["t0"] for r in results) < min(r["t1"] for r in results), results
-    return totals(results), results
-
-
-def kraken_spec(srv: ServerProcess, creds: tuple[str, str], state_dir: str, **kw: Any
-                ) -> dict[str, Any]:
-    return {"exchange": "kraken", "url": srv.url, "creds": list(creds), "state_dir": state_dir,
-            "install": True, "options": {"rate_limit": None}, "calls": 20, **kw}
-
-
 def test_sync_processes_no_invalid_nonce_one_in_flight(server: ServerProcess,
                                                        state_dir: str) -> None:
     """Forked (exchange inherited from the parent), spawned and unrelated processes, one key."""
@@ -454,7 +422,7 @@ def test_sync_processes_no_invalid_nonce_one_in_flight(server: ServerProcess,
     parent = make_exchange(spec, key, secret)
     parent.private_post_balance()  # a pooled keep-alive connection the forks must not share
     server.reset()
-    out, _ = _pool(spec, ("fork", "fork", "spawn", "unrelated"), inherited=parent)
+    out, _ = run_pool(spec, ("fork", "fork", "spawn", "unrelated"), inherited=parent)
     ks = server.stats()["keys"]["A"]
     assert out["ok"] == 80 and out["exceptions"] == {}
     assert (ks["accepted"], ks["invalid_nonce"], ks["bad_signature"], ks["max_inflight"]) == (
@@ -471,7 +439,7 @@ def test_forked_children_do_not_share_the_parents_connection(server: ServerProce
     spec = kraken_spec(server, (key, secret), state_dir, task="echo", calls=100)
     parent = make_exchange(spec, key, secret)
     public_echo(parent, {"warm": "1"})  # leaves a pooled keep-alive connection
-    _, results = _pool(spec, ("fork", "fork"), inherited=parent)
+    _, results = run_pool(spec, ("fork", "fork"), inherited=parent)
     assert [(r["ok"], r["mismatched"], r["failed"]) for r in results] == [(100, 0, 0)] * 2
     parent.shmnonce.close()
 
@@ -482,32 +450,10 @@ def test_sync_processes_without_shmnonce_get_invalid_nonces(server: ServerProces
     server.configure(latency_s=0.01)
     key, secret = server.register("A")
     spec = kraken_spec(server, (key, secret), state_dir, install=False)
-    out, _ = _pool(spec, ("fork", "fork", "spawn", "unrelated"))
+    out, _ = run_pool(spec, ("fork", "fork", "spawn", "unrelated"))
     ks = server.stats()["keys"]["A"]
     assert ks["invalid_nonce"] > 0
     assert out["exceptions"].get("InvalidNonce", 0) == ks["invalid_nonce"]
-
-
-RATE = (10, 5.0, 1.0)  # max counter, decay per second, headroom: a fast tier for the test
-
-
-def rate_pool(server: ServerProcess, state_dir: str, calls: int,
-              async_spec: dict[str, Any] | None = None) -> tuple[float, float, dict[str, Any]]:
-    """3 sync processes (+ an async one) with ccxt's default throttle on, shmnonce's model on.
-
-    Returns (wall time, the model's bound, the server's key stats).
-    """
-    server.configure(latency_s=0.02, rate_max=RATE[0], rate_decay=RATE[1])
-    key, secret = server.register("A")
-    spec = kraken_spec(server, (key, secret), state_dir, calls=calls, enable_rate_limit=True,
-                       options={"rate_limit": list(RATE)})
-    out, _ = _pool(spec, ("fork", "spawn", "unrelated"), async_spec=async_spec)
-    n = out["ok"]
-    assert out["exceptions"] == {}
-    # The model admits max - headroom at once, then one call per 1/decay s; calls are
-    # serialized, so each adds the server's latency (and client overhead) to the span.
-    bound = max(0.0, n - (RATE[0] - RATE[2])) / RATE[1] + n * (0.02 + 0.02) + 1.0
-    return out["t1"] - out["t0"], bound, server.stats()["keys"]["A"]
 
 
 def test_rate_model_bounds_the_pool_not_ccxts_throttle(server: ServerProcess,
@@ -531,7 +477,7 @@ def coincheck() -> Iterator[CoincheckServer]:
 
 def test_coincheck_processes_one_key(coincheck: CoincheckServer, state_dir: str) -> None:
     key, secret = coincheck.register("C")
-    out, _ = _pool({"exchange": "coincheck", "url": coincheck.url, "creds": [key, secret],
+    out, _ = run_pool({"exchange": "coincheck", "url": coincheck.url, "creds": [key, secret],
                     "state_dir": state_dir, "options": {}, "calls": 20})
     ks = coincheck.stats()["keys"]["C"]
     assert out["ok"] == 60 and out["exceptions"] == {}
@@ -543,7 +489,7 @@ def test_coincheck_processes_one_key(coincheck: CoincheckServer, state_dir: str)
 def test_coincheck_without_shmnonce_gets_invalid_nonces(coincheck: CoincheckServer,
                                                         state_dir: str) -> None:
     key, secret = coincheck.register("C")
-    out, _ = _pool({"exchange": "coincheck", "url": coincheck.url, "creds": [key, secret],
+    out, _ = run_pool({"exchange": "coincheck", "url": coincheck.url, "creds": [key, secret],
                     "state_dir": state_dir, "install": False, "calls": 20})
     ks = coincheck.stats()["keys"]["C"]
     assert ks["invalid_nonce"] > 0

@@ -85,10 +85,7 @@ from .kraken import (
     RateLimit,
 )
 
-__all__ = ["KNOWN_TO_WORK", "CcxtSeamError", "install"]
-
-KNOWN_TO_WORK = frozenset({"kraken", "coincheck"})
-"""Exchange ids tested against a local stand-in (see docs/ccxt.md); others are probed."""
+__all__ = ["CcxtSeamError", "install"]
 
 _PROBE_NONCE = 1234567890123456789
 """Marker nonce signed on a throw-away copy at install time (19 digits, like shmnonce's)."""
@@ -401,10 +398,6 @@ class _Installed:
 
     # -- async
 
-    async def async_throttle(self, cost: Any = None) -> Any:
-        if self.current() is not None:
-            return None
-        return await self.throttle(cost)
 
     async def async_fetch2(self, path: Any, api: Any = "public", *args: Any, **kwargs: Any) -> Any:
         exchange = self.exchange_ref()
@@ -427,6 +420,34 @@ class _Installed:
             raise translated from err.__cause__
         finally:
             _CALL.reset(token)
+
+
+class _AsyncThrottle:
+    """ccxt's async throttle, skipped inside a private call's section.
+
+    ccxt up to 4.3 keeps a ``Throttler`` object in ``exchange.throttle`` and sets its
+    ``loop`` attribute later (``open()``); attributes are therefore forwarded to it.
+    From 4.4 on ``throttle`` is a coroutine method.
+    """
+
+    def __init__(self, state: _Installed, original: Any) -> None:
+        object.__setattr__(self, "_state", state)
+        object.__setattr__(self, "_original", original)
+
+    def __call__(self, cost: Any = None) -> Any:
+        if self._state.current() is not None:
+            return _skipped()  # a private call in the section: before, or by the model
+        return self._original(cost)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._original, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._original, name, value)
+
+
+async def _skipped() -> None:
+    return None
 
 
 # --------------------------------------------------------------------------- install
@@ -463,7 +484,10 @@ def _check_seam(exchange: Any, private: Callable[[Any], bool], is_async: bool) -
             raise CcxtSeamError(f"ccxt {version}: {type(exchange).__name__}.{name}() is missing; "
                                 "shmnonce.ccxt hooks it and cannot protect this exchange")
     for name in ("fetch2", "throttle"):
-        if inspect.iscoroutinefunction(getattr(exchange, name)) != is_async:
+        attr = getattr(exchange, name)
+        if name == "throttle" and is_async and not inspect.isroutine(attr):
+            continue  # ccxt <= 4.3: a Throttler object whose call returns an awaitable
+        if inspect.iscoroutinefunction(attr) != is_async:
             raise CcxtSeamError(
                 f"ccxt {version}: {type(exchange).__name__}.{name}() is "
                 f"{'not ' if is_async else ''}a coroutine function, unlike the ccxt versions "
@@ -571,7 +595,7 @@ def install(
     exchange.sign = state.checked_sign
     if is_async:
         exchange.fetch2 = state.async_fetch2
-        exchange.throttle = state.async_throttle
+        exchange.throttle = _AsyncThrottle(state, state.throttle)
     else:
         exchange.fetch2 = state.sync_fetch2
         exchange.throttle = state.sync_throttle

@@ -1,8 +1,8 @@
 """Throughput of ccxt private calls on one key through shmnonce.ccxt, against 1/L (issue 11).
 
 With server latency L, serialized calls of one key can reach at most 1/L per second.
-Pools of ccxt processes on one key must reach >= 0.9/L: sync (4 processes) and, once
-the asyncio section exists, async (one process, 20 tasks) and mixed (3 sync + 1 async).
+Pools of ccxt processes on one key must reach >= 0.9/L: sync (4 processes), async (one
+process, 20 tasks) and mixed (3 sync processes + 1 async process with 20 tasks).
 Same run, same server: plain ccxt in one process, one call after the other (the HTTP
 round-trip ceiling without any lock), and the krakenex adapter's 4-process pool (the
 figure of bench/test_bench_kraken.py). ccxt's throttle and shmnonce's rate model are
@@ -131,6 +131,22 @@ def test_ccxt_sync_four_processes(benchmark: Any, server: ServerProcess, state_d
                                   latency: float) -> None:
     tput = _measure(benchmark, latency, "sync_4p",
                     lambda: _ccxt_round(server, state_dir, latency, 4, 0))
+    assert tput >= FLOOR / latency, f"{tput:.1f}/s < {FLOOR} / L = {FLOOR / latency:.1f}/s"
+
+
+@pytest.mark.parametrize("latency", LATENCIES)
+def test_ccxt_async_one_process(benchmark: Any, server: ServerProcess, state_dir: str,
+                                latency: float) -> None:
+    tput = _measure(benchmark, latency, "async_20t",
+                    lambda: _ccxt_round(server, state_dir, latency, 0, 20))
+    assert tput >= FLOOR / latency, f"{tput:.1f}/s < {FLOOR} / L = {FLOOR / latency:.1f}/s"
+
+
+@pytest.mark.parametrize("latency", LATENCIES)
+def test_ccxt_mixed_sync_and_async(benchmark: Any, server: ServerProcess, state_dir: str,
+                                   latency: float) -> None:
+    tput = _measure(benchmark, latency, "mixed",
+                    lambda: _ccxt_round(server, state_dir, latency, 3, 20))
     assert tput >= FLOOR / latency, f"{tput:.1f}/s < {FLOOR} / L = {FLOOR / latency:.1f}/s"
 
 

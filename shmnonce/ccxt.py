@@ -410,7 +410,7 @@ class _Installed:
         token = _CALL.set(call)
         method = str(path)
         try:
-            return await self.guard.acall(  # type: ignore[attr-defined]
+            return await self.guard.acall(
                 method, lambda: self.fetch2(path, api, *args, **kwargs), _ano_errors,
                 self.errors_of_exc)
         except KrakenError as err:
@@ -570,18 +570,9 @@ def install(
     options.pop("http_timeout", None)
     if private is None:
         private = _kraken_private if is_kraken else _generic_private
-    if is_async and not hasattr(KrakenGuard, "acall"):
-        raise NotImplementedError(
-            "ccxt.async_support needs KrakenGuard.acall (shmnonce's asyncio section), which "
-            "this build of shmnonce lacks")
-    guard_kwargs: dict[str, Any] = {}
-    if url is not None:
-        if "url" not in inspect.signature(KrakenGuard).parameters:
-            raise ValueError("url= is not supported by this build of shmnonce")
-        guard_kwargs["url"] = url
     _check_seam(exchange, private, is_async)
-    guard = KrakenGuard(exchange, key_attr="apiKey", state_dir=state_dir, rate_limit=rate_limit,
-                        http_timeout=None, **guard_kwargs, **options)
+    guard = KrakenGuard(exchange, key_attr="apiKey", state_dir=state_dir, url=url,
+                        rate_limit=rate_limit, http_timeout=None, **options)
     errors_of_exc = _kraken_errors_of_exc(ccxt) if is_kraken else _generic_errors_of_exc(ccxt)
     state = _Installed(exchange, guard, ccxt, is_async, private, errors_of_exc)
     if getattr(exchange, "apiKey", None):

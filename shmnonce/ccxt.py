@@ -398,7 +398,6 @@ class _Installed:
 
     # -- async
 
-
     async def async_fetch2(self, path: Any, api: Any = "public", *args: Any, **kwargs: Any) -> Any:
         exchange = self.exchange_ref()
         if (exchange is None or not self.private(api) or self.current() is not None

@@ -71,6 +71,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from . import _fork
 from ._errors import NonceError
 from .kraken import (
     DEFAULT_RATE_LIMIT,
@@ -268,8 +269,7 @@ def _after_fork_in_child() -> None:
             session.close()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+_fork.register(_fork.ADAPTERS, after_in_child=_after_fork_in_child)
 
 
 class _Installed:

@@ -81,7 +81,8 @@ def make_exchange(spec: Mapping[str, Any], key: str, secret: str) -> Any:
             from shmnonce.kraken import RateLimit
 
             options["rate_limit"] = RateLimit(*options["rate_limit"])
-        install(exchange, state_dir=spec["state_dir"], **options)
+        state_dir = None if options.get("url") else spec["state_dir"]  # url: Redis engine
+        install(exchange, state_dir=state_dir, **options)
     return exchange
 
 

@@ -232,10 +232,15 @@ def test_key_name_without_a_key_on_the_first_line(stdin: str) -> None:
     assert KEY not in r.stderr
 
 
-def test_key_name_with_stdin_closed() -> None:
+def test_key_name_without_input() -> None:
     r = subprocess.run([*MODULE, "key-name"], capture_output=True, text=True, timeout=60,
-                       cwd=ROOT, stdin=subprocess.DEVNULL)
-    assert r.returncode == 1 and "no API key on standard input" in r.stderr
+                       cwd=ROOT, stdin=subprocess.DEVNULL)  # at end of file
+    assert r.returncode == 1 and "no API key on standard input" in r.stderr, r
+    # descriptor 0 closed: Python starts with sys.stdin None
+    r = subprocess.run(["bash", "-c", f"exec 0<&-; exec {sys.executable} -m shmnonce key-name"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r
+    assert "no standard input" in r.stderr, r
 
 
 def test_key_name_refuses_the_key_as_an_argument_without_echoing_it() -> None:

@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -288,6 +289,26 @@ def test_key_name_on_a_terminal_reads_without_echo(state_dir: str) -> None:
     text = seen.decode()
     assert ShmNonce.for_api_key(KEY, state_dir).name in text
     assert KEY not in text, "the key was echoed or printed"
+
+
+def test_ctrl_c_exits_130_without_traceback() -> None:
+    proc = subprocess.Popen([*MODULE, "key-name"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # wait until it blocks reading the key (Python's SIGINT handler is set)
+            with open(f"/proc/{proc.pid}/wchan") as fh:
+                if "pipe_read" in fh.read():
+                    break
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and out == b"" and err == b"", (proc.returncode, out, err)
 
 
 # --------------------------------------------------------------------------- logging

@@ -351,10 +351,6 @@ def test_cli_shows_library_warnings_as_lines(state_dir: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("shmnonce: warning: clock regression"), r.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_queue.py still logs the routine wait at WARNING: remove this mark with that fix",
-)
 def test_routine_section_wait_is_logged_below_warning(eng: ShmNonce) -> None:
     """A long wait for the section (another caller's rate-limit sleep) is routine: INFO.
 

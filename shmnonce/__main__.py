@@ -1,7 +1,8 @@
-"""``python -m shmnonce``."""
+"""``python -m shmnonce``: the same command line as the ``shmnonce`` script."""
 
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,23 +1,43 @@
-"""Command line: ``shmnonce status|next|jump|unlink|import-legacy|doctor ... [--state-dir D]``."""
+"""Command line: ``shmnonce [--json] [--state-dir D] COMMAND ...`` (see docs/cli.md).
+
+Every command exits 0 on success and otherwise prints one line on stderr and exits
+non-zero: 1 for an error, 2 for a usage error or a failed ``doctor`` check, 141
+(128 + SIGPIPE, as a shell reports a command killed by SIGPIPE) when the reader of
+stdout went away before all output was written, 130 on Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import getpass
 import json
+import logging
 import os
+import re
+import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import NoReturn
+from collections.abc import Callable, Iterator, Sequence
+from fractions import Fraction
+from typing import TYPE_CHECKING, NoReturn
 
-from . import _repair
+from . import __version__, _repair
 from ._ceiling import read_ceiling
 from ._engine import NoSegment, ShmNonce
 from ._errors import NonceError, StateError
 from ._legacy import LegacyImport, LegacyImportError, import_legacy
-from ._paths import default_state_dir, resolve_state_dir, segment_name, validate_name
+from ._paths import api_key_name, default_state_dir, resolve_state_dir, segment_name, validate_name
 from ._segment import SIZE
 
-__all__ = ["main"]
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
+__all__ = ["EXIT_BROKEN_PIPE", "build_parser", "main", "parse_duration_ns"]
+
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+"""Exit status when stdout's reader went away (``| head``): what a shell reports for a
+command killed by SIGPIPE, without the traceback or the signal."""
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,9 +47,65 @@ class _Parser(argparse.ArgumentParser):
         text = " ".join(message.splitlines())
         self.exit(2, f"{self.prog}: error: {text} (see '{self.prog} --help')\n")
 
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        # argparse's own printing ignores write errors: a closed stdout would exit 0
+        if file is None or file is sys.stdout:
+            _out(self.format_help(), end="")
+        else:
+            file.write(self.format_help())
+
+
+class _Version(argparse.Action):
+    """``--version``, printed like every other output (see ``_out``)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 help: str = "print the version and exit") -> None:
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        _out(f"shmnonce {__version__}")
+        parser.exit()
+
 
 class _UnknownSequence(Exception):
     """``status`` of a name that has no state in the state directory."""
+
+
+class _InputError(Exception):
+    """Unusable standard input (``key-name``)."""
+
+
+class _UsageError(Exception):
+    """A usage error found after parsing: reported like argparse's, exit 2."""
+
+    def __init__(self, command: str, message: str) -> None:
+        super().__init__(message)
+        self.command = command
+
+
+class _StdoutClosed(Exception):
+    """Writing to stdout failed with EPIPE: its reader is gone."""
+
+
+def _out(line: str, end: str = "\n") -> None:
+    """Print one line on stdout; a closed pipe becomes ``_StdoutClosed`` (see ``main``)."""
+    try:
+        print(line, end=end)
+    except BrokenPipeError:
+        raise _StdoutClosed from None
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise _StdoutClosed from None
+
+
+def _emit(args: argparse.Namespace, data: dict[str, object], text: str) -> None:
+    """Print ``data`` as one JSON object with ``--json``, else ``text``."""
+    _out(json.dumps(data, sort_keys=True) if args.json else text)
 
 
 def _require_existing(name: str, state_dir: str | None) -> None:
@@ -55,14 +131,44 @@ def _require_existing(name: str, state_dir: str | None) -> None:
     )
 
 
-def _int_ns(text: str) -> int:
+_NS_PER_UNIT = {
+    "ns": 1, "us": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9,
+    "d": 86400 * 10**9,
+}
+_RAW_NS = re.compile(r"[0-9]+(?:_[0-9]+)*")
+_DURATION = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?(?:ns|us|ms|s|m|h|d))+")
+_TERM = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|ms|s|m|h|d)")
+DURATION_HELP = (
+    "an integer number of nanoseconds, or a duration such as 60s, 5m, 1h30m, 250ms, 1.5s "
+    "(units: ns, us, ms, s, m, h, d)"
+)
+
+
+def parse_duration_ns(text: str) -> int:
+    """Nanoseconds in ``text``: a bare integer (ns) or terms like ``1h30m``, ``250ms``.
+
+    Raises ``ValueError`` for anything else, for negative values and for a value
+    that is not a whole number of nanoseconds (``0.5ns``).
+    """
+    if _RAW_NS.fullmatch(text):
+        return int(text.replace("_", ""))
+    if text.startswith("-") and (_RAW_NS.fullmatch(text[1:]) or _DURATION.fullmatch(text[1:])):
+        raise ValueError("must be >= 0")
+    if not _DURATION.fullmatch(text):
+        raise ValueError(f"invalid duration {text!r}: expected {DURATION_HELP}")
+    total = sum(
+        (Fraction(num) * _NS_PER_UNIT[unit] for num, unit in _TERM.findall(text)), Fraction(0)
+    )
+    if total.denominator != 1:
+        raise ValueError(f"invalid duration {text!r}: not a whole number of nanoseconds")
+    return int(total)
+
+
+def _duration_arg(text: str) -> int:
     try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
+        return parse_duration_ns(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _status_without_segment(name: str, state_dir: str) -> dict[str, object]:
@@ -115,7 +221,7 @@ def _status(args: argparse.Namespace) -> int:
     stats["attached_uninspectable"] = scan.uninspectable
     stats["lock_holder"] = None if holder is None else holder.as_dict()
     if args.json:
-        print(json.dumps(stats, sort_keys=True))
+        _out(json.dumps(stats, sort_keys=True))
         return 0
     width = max(len(k) for k in stats)
     for key, value in stats.items():
@@ -131,36 +237,53 @@ def _status(args: argparse.Namespace) -> int:
                 value = f"unknown (ticket {holder.ticket}): {holder.note}"
             else:
                 value = f"{holder.pid} ({holder.name}, {holder.username}), ticket {holder.ticket}"
-        print(f"{key:<{width}}  {value}")
+        _out(f"{key:<{width}}  {value}")
     return 0
 
 
 def _next(args: argparse.Namespace) -> int:
     with ShmNonce.attach(args.name, args.state_dir) as eng:
-        print(eng.next())
+        nonce = eng.next()
+        state_dir = eng.state_dir
+    _emit(args, {"name": args.name, "state_dir": state_dir, "nonce": nonce}, str(nonce))
     return 0
 
 
 def _jump(args: argparse.Namespace) -> int:
     with ShmNonce.attach(args.name, args.state_dir) as eng:
-        print(eng.jump_forward(args.ns))
+        last = eng.jump_forward(args.ns)
+        state_dir = eng.state_dir
+    data: dict[str, object] = {
+        "name": args.name, "state_dir": state_dir, "last_nonce": last, "jump_ns": args.ns,
+    }
+    _emit(args, data, str(last))
     return 0
 
 
 def _unlink(args: argparse.Namespace) -> int:
     # works on damaged state too, which attach would refuse
     existed = _repair.destroy(args.name, args.state_dir)
-    print(f"unlinked {args.name}" if existed else f"{args.name}: nothing to unlink")
+    _emit(
+        args, {"name": args.name, "existed": existed},
+        f"unlinked {args.name}" if existed else f"{args.name}: nothing to unlink",
+    )
     return 0
 
 
 def _drop_segment(args: argparse.Namespace) -> int:
     res = _repair.drop_segment(args.name, args.state_dir, force=args.force)
     if not res.segment_found:
-        print(f"{args.name}: no segment; persisted ceiling {res.persisted_ceiling}")
+        text = f"{args.name}: no segment; persisted ceiling {res.persisted_ceiling}"
     else:
-        print(f"dropped the segment of {args.name}; the next attach resumes above "
-              f"{res.persisted_ceiling}")
+        text = (f"dropped the segment of {args.name}; the next attach resumes above "
+                f"{res.persisted_ceiling}")
+    data: dict[str, object] = {
+        "name": args.name, "segment_found": res.segment_found,
+        "segment_intact": res.segment_intact,
+        # every future value is above it (stats()'s persisted_ceiling is this + 1)
+        "resumes_above": res.persisted_ceiling,
+    }
+    _emit(args, data, text)
     return 0
 
 
@@ -178,17 +301,17 @@ def _import_legacy(args: argparse.Namespace) -> int:
 
 def _print_import(report: LegacyImport, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(report.as_dict(), sort_keys=True))
+        _out(json.dumps(report.as_dict(), sort_keys=True))
         return
     for f in report.files:
         if f.ok:
             conv = f" = {f.value_ns} ns" if f.unit == "ms" else ""
-            print(f"ok   {f.path}: {f.raw} ({f.unit}){conv}")
+            _out(f"ok   {f.path}: {f.raw} ({f.unit}){conv}")
         else:
-            print(f"BAD  {f.path}: {f.error}")
+            _out(f"BAD  {f.path}: {f.error}")
     if report.applied:
         change = "raised" if report.raised else "already above every value, unchanged"
-        print(
+        _out(
             f"sequence {report.name}: {change}; last value {report.after} "
             f"(was {report.before}, highest legacy value {report.highest_ns})"
         )
@@ -199,45 +322,100 @@ def _doctor(args: argparse.Namespace) -> int:
 
     report = run_doctor(args.name, args.state_dir)
     if args.json:
-        print(json.dumps(report.as_dict(), sort_keys=True))
+        _out(json.dumps(report.as_dict(), sort_keys=True))
     else:
         for f in report.findings:
             seq = f"[{f.sequence}] " if f.sequence else ""
-            print(f"{f.status.upper():<5}  {f.check:<14}  {seq}{f.message}")
-        print(
+            _out(f"{f.status.upper():<5}  {f.check:<14}  {seq}{f.message}")
+        _out(
             f"summary: {report.count('ok')} ok, {report.count('warn')} warning(s), "
             f"{report.count('error')} error(s)"
         )
     return 0 if report.ok else 2
 
 
+def _read_key() -> bytes:
+    """One API key: the first line of stdin, or typed without echo on a terminal.
+
+    Surrounding whitespace is removed, as ``krakenex.API.load_key`` does. The key is
+    never printed, logged or put in an error message.
+    """
+    stdin = sys.stdin
+    if stdin is None:
+        raise _InputError("no standard input: pipe the API key into 'shmnonce key-name'")
+    if stdin.isatty():
+        try:
+            line = getpass.getpass("API key (not echoed): ").encode()
+        except EOFError:
+            line = b""
+    else:
+        line = stdin.buffer.readline()
+    key = line.strip()
+    if not key:
+        raise _InputError(
+            "no API key on standard input: expected the key on the first line "
+            "(e.g. 'shmnonce key-name < kraken.key')"
+        )
+    return key
+
+
+def _key_name(args: argparse.Namespace) -> int:
+    if args.stray:  # never echo them: one of them may be the key
+        raise _UsageError(
+            "key-name", f"key-name takes no arguments ({len(args.stray)} given, not shown): it reads the "
+            "key from standard input, so that the key stays out of the shell history and ps"
+        )
+    name = api_key_name(_read_key())
+    _emit(args, {"name": name}, name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; extension commands add sub-parsers to it."""
+    """The argument parser; extension commands add sub-parsers to it.
+
+    ``--json`` and ``--state-dir`` are accepted before and after the command: the
+    sub-parsers' copies default to ``SUPPRESS`` so that they do not overwrite a value
+    given before the command.
+    """
     parser = _Parser(
         prog="shmnonce",
         description="Inspect and operate host-wide nonce sequences.",
     )
+    parser.add_argument("--version", action=_Version)
+    parser.add_argument("--json", action="store_true", default=False,
+                        help="print one JSON object (also accepted after the command)")
+    parser.add_argument("--state-dir", metavar="D", default=None,
+                        help="state directory (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    state_dir_help = (
+        "state directory (default: $SHMNONCE_STATE_DIR, $XDG_STATE_HOME/shmnonce, "
+        "~/.local/state/shmnonce)"
+    )
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help_: str,
+                state_dir: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print one JSON object")
+        if state_dir:
+            p.add_argument("--state-dir", metavar="D", default=argparse.SUPPRESS,
+                           help=state_dir_help)
+        p.set_defaults(func=func)
+        return p
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
+        p = command(name, func, help_)
         p.add_argument("name", metavar="NAME", help="sequence name")
-        p.add_argument(
-            "--state-dir", metavar="D", default=None,
-            help="state directory (default: $SHMNONCE_STATE_DIR, $XDG_STATE_HOME/shmnonce, "
-            "~/.local/state/shmnonce)",
-        )
-        p.set_defaults(func=func)
         return p
 
     add(
         "status", _status,
         "show an existing sequence's values, counters, attached processes and lock holder "
         "(creates nothing)",
-    ).add_argument("--json", action="store_true", help="print one JSON object")
+    )
     add("next", _next, "issue one value and print it")
-    add("jump", _jump, "set the last value to max(last, now) + NS and print it").add_argument(
-        "ns", metavar="NS", type=_int_ns, help="nanoseconds to jump ahead"
+    add("jump", _jump, "set the last value to max(last, now) + DURATION and print it").add_argument(
+        "ns", metavar="DURATION", type=_duration_arg, help=f"how far ahead: {DURATION_HELP}"
     )
     add("unlink", _unlink, "destroy the segment and the persisted state (also when damaged)")
     add("drop-segment", _drop_segment,
@@ -255,30 +433,71 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-bad", action="store_true",
         help="import the good files even if some are bad (default: change nothing)",
     )
-    imp.add_argument("--json", action="store_true", help="print one JSON object")
-    doc_help = (
+    doc = command(
+        "doctor", _doctor,
         "check the state directory, the persisted ceilings, the clock and leftover "
-        "segments (read-only); exit 2 if a check fails"
+        "segments (read-only); exit 2 if a check fails",
     )
-    doc = sub.add_parser("doctor", help=doc_help, description=doc_help)
     doc.add_argument("name", metavar="NAME", nargs="?", default=None,
                      help="sequence name (default: every sequence in the state directory)")
-    doc.add_argument("--state-dir", metavar="D", default=None, help="state directory")
-    doc.add_argument("--json", action="store_true", help="print one JSON object")
-    doc.set_defaults(func=_doctor)
+    kn = command(
+        "key-name", _key_name,
+        "read an API key from the first line of standard input (typed without echo on a "
+        "terminal) and print the name of its sequence; the key is never printed",
+        state_dir=False,
+    )
+    kn.add_argument("stray", nargs="*", help=argparse.SUPPRESS)
     return parser
+
+
+@contextlib.contextmanager
+def _library_warnings() -> Iterator[None]:
+    """Show the library's warnings (not its routine INFO/DEBUG records) as stderr lines."""
+    logger = logging.getLogger("shmnonce")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("shmnonce: warning: %(message)s"))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse printed them
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+    try:
+        with _library_warnings():
+            status: int = args.func(args)
+        return status
+    except _UsageError as exc:
+        prog = f"shmnonce {exc.command}"
+        print(f"{prog}: error: {exc} (see '{prog} --help')", file=sys.stderr)
+        return 2
+    except (NonceError, ValueError, OSError, _UnknownSequence, _InputError) as exc:
+        text = " ".join(str(exc).splitlines())
+        print(f"shmnonce: error: {text}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
     try:
-        status: int = args.func(args)
+        status = _run(argv)
+        _flush_stdout()
         return status
-    except (NonceError, ValueError, OSError, _UnknownSequence) as exc:
-        text = " ".join(str(exc).splitlines())
-        print(f"shmnonce: error: {text}", file=sys.stderr)
-        return 1
+    except _StdoutClosed:
+        # The reader of stdout went away: no traceback, and no second EPIPE when the
+        # interpreter flushes stdout at exit (it then writes to /dev/null).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import shmnonce
 from shmnonce import ShmNonce
 from shmnonce._paths import segment_name
 
@@ -16,9 +17,14 @@ pytestmark = pytest.mark.timeout(120)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# The console script that pip installed for this interpreter: next to it, whether or not
+# the virtualenv is activated (a bare "shmnonce" could be another installation's on PATH).
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "shmnonce")
+
+
 def cli(*args: str, entry: str = "module", env: dict[str, str] | None = None
         ) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "shmnonce"] if entry == "module" else ["shmnonce"]
+    cmd = [sys.executable, "-m", "shmnonce"] if entry == "module" else [SCRIPT]
     return subprocess.run(
         [*cmd, *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
         env=None if env is None else {**os.environ, **env},
@@ -58,9 +64,16 @@ def test_next_status_jump_unlink(state_dir: str) -> None:
 
 
 def test_console_script(state_dir: str) -> None:
+    assert os.access(SCRIPT, os.X_OK), f"no console script {SCRIPT}: pip install -e '.[test]'"
     r = cli("next", "c2", "--state-dir", state_dir, entry="script")
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) > 0
+    # it runs this checkout's code, with this interpreter
+    r = cli("--version", entry="script")
+    assert r.stdout == f"shmnonce {shmnonce.__version__}\n", r
+    with open(SCRIPT) as fh:  # "#!PYTHON"; for a long path "#!/bin/sh", then "exec PYTHON"
+        head = fh.readline() + fh.readline()
+    assert head.startswith("#!") and os.path.dirname(sys.executable) in head, head
 
 
 @pytest.mark.parametrize(

@@ -365,6 +365,24 @@ def test_counter_shared_by_fork_spawn_and_unrelated(seq: tuple[str, str]) -> Non
     assert st["calls"] == 40 and st["waits"] >= 36
 
 
+def spaced_but_one(times: list[int], min_gap_s: float) -> bool:
+    """True if the sorted ``times`` (ns) are ``min_gap_s`` apart once at most one is dropped."""
+    def spaced(ts: list[int]) -> bool:
+        return all((b - a) / NS >= min_gap_s for a, b in itertools.pairwise(ts))
+
+    return spaced(times) or any(spaced(times[:i] + times[i + 1:]) for i in range(len(times)))
+
+
+def test_spaced_but_one() -> None:
+    s = NS // 10  # 0.1 s slots
+    assert spaced_but_one([0, s, 2 * s, 3 * s], 0.07)
+    assert spaced_but_one([0, s, s + s // 2, 2 * s, 3 * s], 0.07)  # one stamp late by half a slot
+    assert spaced_but_one([0, 2 * s, 2 * s + 1, 3 * s], 0.07)  # slot s's stamp late by a slot
+    assert not spaced_but_one([0, 1, s, s + 1, 2 * s], 0.07)  # two late stamps
+    assert not spaced_but_one([0] * 4 + [s] * 4 + [2 * s] * 4, 0.07)  # an unshared guard
+    assert not spaced_but_one([0] * 12, 0.07)  # no guard
+
+
 def test_burst_guard_shared_by_fork_spawn_and_unrelated(seq: tuple[str, str]) -> None:
     from shmnonce import ShmNonce
 
@@ -380,14 +398,13 @@ def test_burst_guard_shared_by_fork_spawn_and_unrelated(seq: tuple[str, str]) ->
         results = w.results(timeout=60)
     times = sorted(t for r in results for t in r["times"])
     assert len(times) == 12
-    gaps = [(b - a) / NS for a, b in itertools.pairwise(times)]
-    # Stamps are taken after each sleep: a process descheduled between its wake-up and its
-    # stamp makes one gap short (and the one before it long). Tolerate one such late
-    # stamp; an unshared guard (4 processes spacing only their own calls) gives about 8
-    # gaps near 0 and a span of about 2 spacings instead of 11.
-    short = [g for g in gaps if g < spacing - 0.03]
-    assert len(short) <= 1, gaps
-    assert (times[-1] - times[0]) / NS >= 11 * spacing - 0.03, gaps
+    # Stamps are taken after each sleep: allow 30 ms of jitter. Under load one worker
+    # may be descheduled past its slot; its late stamp then falls close to the next
+    # slot's, so one stamp may be dropped before checking the spacing. An unshared or
+    # disabled guard puts several workers' stamps together at each slot (~0 gaps), far
+    # more than one stamp can hide.
+    assert spaced_but_one(times, spacing - 0.03), [(b - a) / NS for a, b in itertools.pairwise(times)]
+    assert (times[-1] - times[0]) / NS >= 11 * spacing - 0.03, times
     with ShmNonce.attach(*seq) as eng:
         st = StartupBurstGuard(eng, min_spacing_s=spacing, window_s=30.0).stats()
     assert st["acquired"] == 12 and st["in_window"] is True

@@ -4,7 +4,7 @@ Not a pytest module: ``python bench/record_checks.py`` prints, for each way of
 storing and checking the record, the best time per update over alternating rounds
 (so that all see the same machine load). Each variant is the record part of
 ``next()``: unpack, compare with the clock, check, write back. The chosen design
-(two copies compared as memoryviews) is the one in shmnonce/_segment.py.
+(two copies compared as memoryviews) is the one in src/shmnonce/shm/segment.py.
 """
 
 from __future__ import annotations

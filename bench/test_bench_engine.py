@@ -25,7 +25,7 @@ import filelock
 import pytest
 
 from shmnonce import ShmNonce
-from shmnonce import _posix as backend
+from shmnonce.shm import linux as backend
 
 from .conftest import QUICK
 

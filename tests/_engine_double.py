@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
 
 from shmnonce import LockTimeout
-from shmnonce._segment import RECORDS, SegmentRecord
+from shmnonce.shm.segment import RECORDS, SegmentRecord
 
 
 class DoubleEngine:

@@ -26,7 +26,7 @@ import sys
 import traceback
 
 from shmnonce import ShmNonce
-from shmnonce._repair import destroy, drop_segment
+from shmnonce.ops.repair import destroy, drop_segment
 
 _PR_SET_PTRACER, _PR_SET_PTRACER_ANY = 0x59616D61, -1
 

@@ -514,7 +514,7 @@ def run_limiter(spec: Mapping[str, Any]) -> dict[str, Any]:
     parent can check the merged admissions of all processes against the model.
     """
     from shmnonce import ShmNonce
-    from shmnonce._ratelimit import CallCounter, RateLimit, StartupBurstGuard
+    from shmnonce.kraken.ratelimit import CallCounter, RateLimit, StartupBurstGuard
 
     eng = ShmNonce.attach(spec["name"], state_dir=spec["state_dir"])
     try:

@@ -55,6 +55,7 @@ def test_two_state_dirs_of_one_user_reach_one_sequence(tmp_path: object) -> None
     assert not os.path.exists(b), "the second state directory was created"
     # a separate process configured only through the environment (the cron job)
     code = (
+        "import logging; logging.basicConfig()  # the library only adds a NullHandler\n"
         "from shmnonce import ShmNonce; import sys\n"
         f"e = ShmNonce.for_api_key({KEY!r}); print(e.state_dir, e.next())\n"
     )
@@ -268,7 +269,7 @@ def test_another_user_cannot_redirect_or_squat_the_index(
 
 
 def test_doctor_reports_a_second_sequence_of_a_key(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
-    from shmnonce._doctor import run_doctor
+    from shmnonce.ops.doctor import run_doctor
 
     a, b = _dirs(tmp_path, "a", "b")
     name = api_key_name(KEY)

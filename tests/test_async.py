@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from shmnonce import LockTimeout, NonceError, ShmNonce
-from shmnonce import _posix as backend
-from shmnonce._segment import QUEUE, SLOTS, SLOTS_OFFSET
+from shmnonce.shm import linux as backend
+from shmnonce.shm.segment import QUEUE, SLOTS, SLOTS_OFFSET
 
 from . import _workers
 from ._section_workers import observed

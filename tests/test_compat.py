@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from shmnonce import NonceError, ShmNonce, compat
-from shmnonce._segment import EXT_COMPAT_OFFSET
+from shmnonce.shm.segment import EXT_COMPAT_OFFSET
 from tests._fork_helpers import CHILD_HUNG, CHILD_OK, FORK_WARNING, fork_while_held
 
 pytestmark = pytest.mark.timeout(120)

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from shmnonce import ShmNonce
-from shmnonce._segment import Q_TAIL, QUEUE
+from shmnonce.shm.segment import Q_TAIL, QUEUE
 
 from . import _workers
 from ._workers import held_by_thread

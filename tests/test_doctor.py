@@ -13,10 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from shmnonce import ShmNonce, _procinfo
-from shmnonce._ceiling import write_ceiling
-from shmnonce._doctor import DoctorReport, Finding, run_doctor
-from shmnonce._segment import SIZE
+from shmnonce import ShmNonce
+from shmnonce.ops import procinfo as _procinfo
+from shmnonce.ops.doctor import DoctorReport, Finding, run_doctor
+from shmnonce.shm.ceiling import write_ceiling
+from shmnonce.shm.segment import SIZE
 
 pytestmark = pytest.mark.timeout(60)
 

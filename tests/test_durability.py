@@ -13,10 +13,10 @@ import zlib
 import pytest
 
 from shmnonce import ShmNonce, StateError
-from shmnonce._ceiling import SIZE as CEILING_SIZE
-from shmnonce._engine import LEASE_NS
 from shmnonce._paths import segment_name
-from shmnonce._segment import MIRRORED, RECORD, RECORD_OFFSET
+from shmnonce.shm.ceiling import SIZE as CEILING_SIZE
+from shmnonce.shm.engine import LEASE_NS
+from shmnonce.shm.segment import MIRRORED, RECORD, RECORD_OFFSET
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

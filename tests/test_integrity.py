@@ -16,9 +16,9 @@ import zlib
 import pytest
 
 from shmnonce import ShmNonce, StateError
-from shmnonce._ceiling import read_ceiling
-from shmnonce._doctor import DoctorReport, Finding, _check_sequence
-from shmnonce._segment import FLAGS_OFFSET, HEADER, MIRRORED, NAME_OFFSET, RECORD_OFFSET, mark_unlinked
+from shmnonce.ops.doctor import DoctorReport, Finding, _check_sequence
+from shmnonce.shm.ceiling import read_ceiling
+from shmnonce.shm.segment import FLAGS_OFFSET, HEADER, MIRRORED, NAME_OFFSET, RECORD_OFFSET, mark_unlinked
 
 pytestmark = pytest.mark.timeout(180)
 HOUR = 3600 * 10**9

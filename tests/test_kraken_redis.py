@@ -138,7 +138,7 @@ def test_call_counter_on_redis_uses_the_servers_clock(redis_url: str) -> None:
     """
     import time
 
-    from shmnonce._ratelimit import CallCounter, record_clocks
+    from shmnonce.kraken.ratelimit import CallCounter, record_clocks
 
     limit = RateLimit(3, 1.0, headroom=0)
     with redis_engine.RedisNonce.attach("clock-a", url=redis_url) as a, \

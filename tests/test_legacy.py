@@ -8,7 +8,7 @@ import time
 import pytest
 
 from shmnonce import ShmNonce
-from shmnonce._legacy import LegacyImportError, import_legacy, read_legacy_file
+from shmnonce.kraken.legacy import LegacyImportError, import_legacy, read_legacy_file
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from shmnonce import LockTimeout, NonceError, ShmNonce
-from shmnonce._segment import QUEUE
+from shmnonce.shm.segment import QUEUE
 
 from ._workers import held_by_thread
 
@@ -192,7 +192,8 @@ def test_logging_happens_after_the_lock_is_released(eng: ShmNonce) -> None:
 
 def test_fork_child_whose_reopen_fails_raises_instead_of_sharing(eng: ShmNonce) -> None:
     """If the child cannot get its own descriptors it must not use the parent's lock."""
-    from shmnonce import StateError, _posix
+    from shmnonce import StateError
+    from shmnonce.shm import linux as _posix
 
     eng.next()
     real = _posix.reopen
@@ -224,7 +225,7 @@ def test_fork_during_attach_in_another_thread(state_dir: str, tmp_path: object) 
     ready = os.path.join(str(tmp_path), "ready")
     code = f"""
 import os, signal, threading, time
-import shmnonce._engine as E
+import shmnonce.shm.engine as E
 from shmnonce import ShmNonce
 real = E.read_ceiling
 def slow(path):
@@ -259,7 +260,7 @@ def test_concurrent_unlink_between_open_and_lock_is_retried(
     state_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A segment must not be bound to a lock file that was removed while attaching."""
-    from shmnonce import _engine
+    from shmnonce.shm import engine as _engine
 
     ShmNonce.attach("ul", state_dir).unlink()  # make the state dir
     real = _engine.ShmNonce._open_lock

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import pytest
 
 from shmnonce import ShmNonce, StateError
-from shmnonce._doctor import run_doctor
-from shmnonce._repair import drop_segment
-from shmnonce._segment import SIZE
+from shmnonce.ops.doctor import run_doctor
+from shmnonce.ops.repair import drop_segment
+from shmnonce.shm.segment import SIZE
 
 from ._users import User, ensure_user, remove_segments_under, run_as, shared_tmp, squat_file
 

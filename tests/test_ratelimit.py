@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from shmnonce._ratelimit import (
+from shmnonce.kraken.ratelimit import (
     DEFAULT_COSTS,
     EVENTS,
     PRESETS,
@@ -26,7 +26,7 @@ from shmnonce._ratelimit import (
     StartupBurstGuard,
     resolve_rate_limit,
 )
-from shmnonce._segment import RECORDS, SegmentRecord
+from shmnonce.shm.segment import RECORDS, SegmentRecord
 from tests.kraken_server import Workers
 
 NS = 1_000_000_000
@@ -412,7 +412,7 @@ def test_burst_guard_shared_by_fork_spawn_and_unrelated(seq: tuple[str, str]) ->
 
 def test_shared_memory_records_use_the_hosts_clocks(seq: tuple[str, str]) -> None:
     from shmnonce import ShmNonce
-    from shmnonce._ratelimit import record_clocks
+    from shmnonce.kraken.ratelimit import record_clocks
 
     with ShmNonce.attach(*seq) as eng:
         assert record_clocks(eng) == (time.monotonic_ns, time.time_ns)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from shmnonce._paths import api_key_name
-from shmnonce._repair import destroy
+from shmnonce.ops.repair import destroy
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,7 +24,7 @@ import pytest
 
 from shmnonce import NonceError, ShmNonce
 from shmnonce._protocol import SharedRecord
-from shmnonce._segment import (
+from shmnonce.shm.segment import (
     EXT_COMPAT_OFFSET,
     EXT_RATELIMIT_OFFSET,
     RECORDS,

@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from shmnonce import ShmNonce, StateError
-from shmnonce._ceiling import read_ceiling
-from shmnonce._segment import RECORD_OFFSET
+from shmnonce.shm.ceiling import read_ceiling
+from shmnonce.shm.segment import RECORD_OFFSET
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,7 +19,7 @@ import pytest
 
 from shmnonce import LockTimeout, NonceError, ShmNonce
 from shmnonce._protocol import Section
-from shmnonce._segment import QUEUE, SLOTS, SLOTS_OFFSET
+from shmnonce.shm.segment import QUEUE, SLOTS, SLOTS_OFFSET
 
 from . import _workers
 from ._section_workers import observed

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from shmnonce import NonceError, ShmNonce, StateError
-from shmnonce import _posix as backend
 from shmnonce._paths import segment_name
+from shmnonce.shm import linux as backend
 
 from ._users import remove_segments_under
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from shmnonce import ShmNonce
-from shmnonce._ceiling import read_ceiling
+from shmnonce.shm.ceiling import read_ceiling
 
 from ._users import remove_segments_under
 

@@ -7,7 +7,7 @@ earlier can arrive later. ``KrakenAPI`` (and ``install`` on an existing
 (``serialized()``) and leaves the section only when the response (or an
 error) is back. Different keys use different sequences and never wait for each
 other. Inside the section a shared model of Kraken's call counter (see
-``shmnonce._ratelimit``) delays calls that would exceed the key's rate limit.
+``shmnonce.kraken.ratelimit``) delays calls that would exceed the key's rate limit.
 ``KrakenGuard`` holds this policy once, for the threads of krakenex and the
 python-kraken-sdk clients (``call``) and for asyncio clients (``acall``, with
 ``aserialized()`` and ``asyncio.sleep``); ``shmnonce.kraken_sdk`` uses it too.
@@ -33,11 +33,12 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import krakenex  # type: ignore[import-untyped]
 
-from . import _fork, _ratelimit
-from ._errors import NonceError
-from ._paths import api_key_name
-from ._protocol import NonceEngine, engine_for_key, resolve_url
-from ._ratelimit import CallCounter, RateLimit, StartupBurstGuard
+from .. import _fork
+from .._errors import NonceError
+from .._paths import api_key_name
+from .._protocol import NonceEngine, engine_for_key, resolve_url
+from . import ratelimit as _ratelimit
+from .ratelimit import CallCounter, RateLimit, StartupBurstGuard
 
 __all__ = [
     "INVALID_NONCE",

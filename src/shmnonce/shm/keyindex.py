@@ -37,9 +37,9 @@ import secrets
 import stat
 from typing import NamedTuple
 
-from ._errors import StateError
-from ._paths import check_parents
-from ._posix import _NOBLOCK, describe_open_error, describe_owner
+from .._errors import StateError
+from .._paths import check_parents
+from .linux import _NOBLOCK, describe_open_error, describe_owner
 
 __all__ = ["DEFAULT_INDEX", "ENV_INDEX", "Holder", "claim", "index_dir", "is_key_name", "lookup", "release"]
 

@@ -10,7 +10,7 @@ import stat
 import platformdirs
 
 from ._errors import StateError
-from ._posix import describe_owner
+from .shm.linux import describe_owner
 
 __all__ = [
     "api_key_name", "check_parents", "resolve_state_dir", "segment_name", "state_dir_path", "validate_name",

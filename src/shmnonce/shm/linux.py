@@ -29,7 +29,7 @@ import pwd
 import stat
 import struct
 
-from ._errors import StateError
+from .._errors import StateError
 
 __all__ = [
     "describe_open_error",

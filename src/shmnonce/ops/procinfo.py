@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from . import _posix as backend
-from ._queue import HELD
-from ._segment import Q_HEAD, Q_TAIL, QUEUE, SLOT, SLOTS, SLOTS_OFFSET
+from ..shm import linux
+from ..shm.queue import HELD
+from ..shm.segment import Q_HEAD, Q_TAIL, QUEUE, SLOT, SLOTS, SLOTS_OFFSET
 
 __all__ = [
     "Attached",
@@ -216,7 +216,7 @@ def _byte_locked(queue_path: str, byte: int) -> bool | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
-        return backend.ofd_test(fd, byte) == backend.F_WRLCK
+        return linux.ofd_test(fd, byte) == linux.F_WRLCK
     finally:
         os.close(fd)
 

@@ -21,13 +21,14 @@ from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from typing import TYPE_CHECKING, NoReturn
 
-from . import __version__, _repair
-from ._ceiling import read_ceiling
-from ._engine import NoSegment, ShmNonce
+from . import __version__
 from ._errors import NonceError, StateError
-from ._legacy import LegacyImport, LegacyImportError, import_legacy
 from ._paths import api_key_name, default_state_dir, resolve_state_dir, segment_name, validate_name
-from ._segment import SIZE
+from .kraken.legacy import LegacyImport, LegacyImportError, import_legacy
+from .ops import repair as _repair
+from .shm.ceiling import read_ceiling
+from .shm.engine import NoSegment, ShmNonce
+from .shm.segment import SIZE
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -186,7 +187,7 @@ def _status_without_segment(name: str, state_dir: str) -> dict[str, object]:
 
 def _status(args: argparse.Namespace) -> int:
     """Status of an existing sequence; creates nothing (no segment, file or directory)."""
-    from ._procinfo import find_holder, read_segment, scan_attached
+    from .ops.procinfo import find_holder, read_segment, scan_attached
 
     _require_existing(args.name, args.state_dir)
     sd = resolve_state_dir(args.state_dir, args.name, create=False)
@@ -318,8 +319,7 @@ def _print_import(report: LegacyImport, as_json: bool) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from ._doctor import run_doctor
-
+    from .ops.doctor import run_doctor
     report = run_doctor(args.name, args.state_dir)
     if args.json:
         _out(json.dumps(report.as_dict(), sort_keys=True))

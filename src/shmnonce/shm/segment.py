@@ -51,8 +51,8 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, NamedTuple, TypeVar
 
-from . import _posix as backend
-from ._errors import StateError
+from .._errors import StateError
+from . import linux
 
 MAGIC = b"SHMNONCE"
 VERSION = 2
@@ -177,7 +177,7 @@ class Segment:
     def is_linked(self) -> bool:
         """Whether the name still refers to this mapping (not removed or replaced)."""
         try:
-            fd = backend.shm_open(self.name)
+            fd = linux.shm_open(self.name)
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.EISDIR, errno.ELOOP, errno.EACCES):
                 return False  # the name is gone or taken by something else
@@ -265,7 +265,7 @@ def _create(
     """
     tmp = shm_name + TMP_SUFFIX
     try:
-        backend.shm_unlink(tmp)  # left by a creator killed before it finished
+        linux.shm_unlink(tmp)  # left by a creator killed before it finished
     except FileNotFoundError:
         pass
     except PermissionError:
@@ -274,26 +274,26 @@ def _create(
             f"{_owned_fix(tmp, seq, state_dir)}"
         ) from None
     try:
-        fd = backend.shm_create(tmp, SIZE)
+        fd = linux.shm_create(tmp, SIZE)
     except FileExistsError:  # made again since: by a process that does not hold our lock
         return None
     try:
-        st = backend.verify_owned(fd, _where(tmp, seq), _owned_fix(tmp, seq, state_dir))
-        buf = backend.shm_map(fd, SIZE)
+        st = linux.verify_owned(fd, _where(tmp, seq), _owned_fix(tmp, seq, state_dir))
+        buf = linux.shm_map(fd, SIZE)
     finally:
         os.close(fd)
     try:
         header = _build(buf, seq, state_dir, lock_stat, queue_stat, resume_above)
-        backend.shm_link(tmp, shm_name)  # the segment becomes visible here, complete
+        linux.shm_link(tmp, shm_name)  # the segment becomes visible here, complete
     except BaseException as exc:
         buf.close()
         with contextlib.suppress(OSError):
-            backend.shm_unlink(tmp)
+            linux.shm_unlink(tmp)
         if isinstance(exc, FileExistsError):
             return None
         raise
     with contextlib.suppress(FileNotFoundError):
-        backend.shm_unlink(tmp)
+        linux.shm_unlink(tmp)
     return Segment(shm_name, buf, header, True, (st.st_dev, st.st_ino))
 
 
@@ -307,14 +307,14 @@ def _adopt(
     """
     where = _where(shm_name, seq)
     try:
-        st = backend.verify_owned(fd, where, _owned_fix(shm_name, seq, state_dir))
+        st = linux.verify_owned(fd, where, _owned_fix(shm_name, seq, state_dir))
         if st.st_size == 0:
             return "is empty (its creator was killed)"
         if st.st_size != SIZE:
             raise StateError(
                 f"{where} has {st.st_size} bytes, expected {SIZE}; {_repair(seq, state_dir)}"
             )
-        buf = backend.shm_map(fd, SIZE)
+        buf = linux.shm_map(fd, SIZE)
     finally:
         os.close(fd)
     header = Header(*HEADER.unpack_from(buf, 0))
@@ -368,7 +368,7 @@ def open_segment(
     """
     for _attempt in range(3):
         try:
-            fd = backend.shm_open(shm_name)
+            fd = linux.shm_open(shm_name)
         except FileNotFoundError:
             before_create("is gone")
         else:
@@ -377,7 +377,7 @@ def open_segment(
                 return found
             before_create(found)
             with contextlib.suppress(FileNotFoundError):
-                backend.shm_unlink(shm_name)
+                linux.shm_unlink(shm_name)
         seg = _create(shm_name, seq, state_dir, lock_stat, queue_stat, resume_above)
         if seg is not None:
             return seg

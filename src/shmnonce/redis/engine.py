@@ -23,8 +23,8 @@ from .. import _fork
 from .._errors import LockTimeout, NonceError, StateError
 from .._paths import api_key_name, validate_name
 from .._protocol import ENV_URL, NonceEngine, Section, SharedRecord, Update
-from . import _lua
-from ._conn import async_client, check_url, map_error, redact, sync_client
+from . import lua as _lua
+from .conn import async_client, check_url, map_error, redact, sync_client
 
 __all__ = ["MAX_VALUE", "RedisNonce", "RedisRecord", "RedisSection"]
 
@@ -529,8 +529,7 @@ class RedisNonce:
 
     def doctor(self) -> list[Any]:
         """Findings about the server's persistence for this sequence (see check_server)."""
-        from ._doctor import check_server
-
+        from .doctor import check_server
         return check_server(self._url, [self.name])
 
     # -- lifetime ------------------------------------------------------------------------

@@ -58,9 +58,9 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from . import _posix as backend
-from ._errors import LockTimeout, NonceError
-from ._segment import (
+from .._errors import LockTimeout, NonceError
+from . import linux
+from .segment import (
     EXT_RATELIMIT_OFFSET,
     Q_ENTRIES,
     Q_HEAD,
@@ -206,7 +206,7 @@ class SectionQueue:
         self._gen = 0
         self._qgen = 0  # generation word of the header last read (counter lock held)
         self._init_local()
-        backend.ofd_lock(self._base, PRESENCE, backend.F_RDLCK, wait=True)
+        linux.ofd_lock(self._base, PRESENCE, linux.F_RDLCK, wait=True)
 
     def _init_local(self) -> None:
         self._mutex = threading.Lock()  # guards everything below; the fork hook takes it
@@ -226,7 +226,7 @@ class SectionQueue:
         if fd < 0:
             if self._base < 0:
                 raise NonceError("serialized(): this handle is closed or lost its descriptors")
-            fd = self._wfd = backend.reopen(self._base, self._path)
+            fd = self._wfd = linux.reopen(self._base, self._path)
         return fd
 
     def after_fork_child(self) -> None:
@@ -240,8 +240,8 @@ class SectionQueue:
         if old < 0:
             return
         try:
-            self._base = backend.reopen(old, self._path)
-            backend.ofd_lock(self._base, PRESENCE, backend.F_RDLCK, wait=True)
+            self._base = linux.reopen(old, self._path)
+            linux.ofd_lock(self._base, PRESENCE, linux.F_RDLCK, wait=True)
         finally:
             os.close(old)
 
@@ -314,7 +314,7 @@ class SectionQueue:
 
     def _locked(self, byte: int) -> bool:
         """Whether another description write-locks ``byte`` (the test sees our base's locks)."""
-        return backend.ofd_test(self._probe(), byte) == backend.F_WRLCK
+        return linux.ofd_test(self._probe(), byte) == linux.F_WRLCK
 
     def _rebuild(self, raw: tuple[int, ...], why: str) -> list[int]:
         """Rebuild the header from the slots and the byte locks (counter lock held).
@@ -416,8 +416,8 @@ class SectionQueue:
                         lock.acquire()
                     ent.woken = False
                 if byte >= 0:
-                    backend.ofd_lock(self._wfd, byte, backend.F_RDLCK, wait=True)
-                    backend.ofd_unlock(self._wfd, byte)
+                    linux.ofd_lock(self._wfd, byte, linux.F_RDLCK, wait=True)
+                    linux.ofd_unlock(self._wfd, byte)
                 elif lock is not None:
                     if deadline is None:
                         lock.acquire()
@@ -576,9 +576,9 @@ class SectionQueue:
     def _take_slot(self, t: int) -> None:
         byte = t % SLOTS
         for _ in range(1000):
-            if backend.ofd_lock(self._base, byte, backend.F_WRLCK, wait=False):
+            if linux.ofd_lock(self._base, byte, linux.F_WRLCK, wait=False):
                 return
-            if backend.ofd_test(self._base, byte) == backend.F_WRLCK:
+            if linux.ofd_test(self._base, byte) == linux.F_WRLCK:
                 raise NonceError(f"queue slot {byte} is still held by ticket {t - SLOTS}")
             # a waiter of an old ticket holds a read lock for a few microseconds
             time.sleep(0)
@@ -601,7 +601,7 @@ class SectionQueue:
                 off = SLOTS_OFFSET + (t % SLOTS) * 16
                 if SLOT.unpack_from(self._buf, off)[0] == t:
                     _U64.pack_into(self._buf, off + _PHASE_AT, DONE)
-                backend.ofd_unlock(self._base, t % SLOTS)
+                linux.ofd_unlock(self._base, t % SLOTS)
             if lead and self._waiting:
                 self._waiting[next(iter(self._waiting))].signal()
 
@@ -620,7 +620,7 @@ class SectionQueue:
                 return  # entered before fork() (the section is the parent's) or closed
             t = ent.ticket
             _U64.pack_into(self._buf, SLOTS_OFFSET + (t % SLOTS) * 16 + _PHASE_AT, DONE)
-            backend.ofd_unlock(self._base, t % SLOTS)
+            linux.ofd_unlock(self._base, t % SLOTS)
             del self._mine[t]
             if self._waiting:
                 self._waiting[next(iter(self._waiting))].signal()
@@ -680,8 +680,8 @@ class SectionQueue:
                 byte, self._want = self._want, -1
                 self._busy = byte
             try:
-                backend.ofd_lock(fd, byte, backend.F_RDLCK, wait=True)
-                backend.ofd_unlock(fd, byte)
+                linux.ofd_lock(fd, byte, linux.F_RDLCK, wait=True)
+                linux.ofd_unlock(fd, byte)
             except OSError as exc:  # not expected: the lead looks again and asks again
                 log.debug("section waiter: %s", exc)
             with self._mutex:
@@ -698,4 +698,4 @@ class SectionQueue:
 
 def others_attached(fd: int) -> bool:
     """Whether another open file description holds the PRESENCE byte of this queue file."""
-    return backend.ofd_test(fd, PRESENCE) != backend.F_UNLCK
+    return linux.ofd_test(fd, PRESENCE) != linux.F_UNLCK

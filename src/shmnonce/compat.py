@@ -38,7 +38,7 @@ The start-up guard takes ``SHMNONCE_COMPAT_STARTUP_WINDOW_S`` (default 10),
 A wait of more than 5 s for the API lock is logged at INFO by the engine.
 
 Each function documents where it differs from the single-process original.
-:func:`import_legacy` (from ``shmnonce._legacy``) raises a sequence above the values
+:func:`import_legacy` (from ``shmnonce.kraken.legacy``) raises a sequence above the values
 in the original's nonce files; run it (or ``shmnonce import-legacy``) once before the
 switch.
 """
@@ -57,10 +57,10 @@ from typing import Any, NamedTuple
 
 from . import _fork
 from ._errors import LockTimeout, NonceError
-from ._legacy import LegacyImport, LegacyImportError, import_legacy
 from ._paths import api_key_name, resolve_state_dir, validate_name
 from ._protocol import ENV_URL, NonceEngine, Section, engine_for_name, resolve_url
-from ._ratelimit import StartupBurstGuard
+from .kraken.legacy import LegacyImport, LegacyImportError, import_legacy
+from .kraken.ratelimit import StartupBurstGuard
 
 __all__ = [
     "CompatLock",
@@ -573,7 +573,7 @@ class GlobalKrakenNonceManager:
         """The next nonce, unique and increasing across all processes on the host.
 
         Differences: ``apply_rate_limiting=True`` applies the host-wide start-up
-        burst guard of ``shmnonce._ratelimit`` instead of a per-process one: during
+        burst guard of ``shmnonce.kraken.ratelimit`` instead of a per-process one: during
         the first ``STARTUP_BURST_WINDOW`` seconds after the sequence's segment was
         created (normally the first worker's start, or a reboot), nonces asked for
         with rate limiting are spaced ``max(STARTUP_RATE_LIMIT_SECONDS,

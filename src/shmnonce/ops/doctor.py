@@ -45,14 +45,13 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from . import _posix as backend
-from ._ceiling import Ceiling, read_ceiling
-from ._engine import LEASE_NS, REGRESSION_NS
-from ._errors import StateError
-from ._keyindex import index_dir, is_key_name, lookup
-from ._paths import check_parents, default_state_dir, segment_name, validate_name
-from ._procinfo import scan_attached
-from ._segment import (
+from .._errors import StateError
+from .._paths import check_parents, default_state_dir, segment_name, validate_name
+from ..shm import linux
+from ..shm.ceiling import Ceiling, read_ceiling
+from ..shm.engine import LEASE_NS, REGRESSION_NS
+from ..shm.keyindex import index_dir, is_key_name, lookup
+from ..shm.segment import (
     FLAG_UNLINKED,
     HEADER,
     MAGIC,
@@ -69,6 +68,7 @@ from ._segment import (
     read_record,
     read_state_dir,
 )
+from .procinfo import scan_attached
 
 __all__ = ["DoctorReport", "Finding", "run_doctor"]
 
@@ -146,7 +146,7 @@ def _read_snapshot(shm: str) -> _Snapshot | str | None:
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise
-        return backend.describe_open_error(exc, path)
+        return linux.describe_open_error(exc, path)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -295,7 +295,7 @@ def _check_sequence(rep: DoctorReport, name: str, now: int) -> None:
         snap = _read_snapshot(shm)
     except PermissionError as exc:
         rep.add("ceiling", ERROR, f"segment /dev/shm/{shm} of {name!r} "
-                f"{backend.describe_open_error(exc, '/dev/shm/' + shm)}: attach refuses it; "
+                f"{linux.describe_open_error(exc, '/dev/shm/' + shm)}: attach refuses it; "
                 f"{owner_fix(shm, name, rep.state_dir)}", name, segment=shm)
         return
     if isinstance(snap, _Snapshot) and (snap.uid != os.geteuid() or snap.mode & 0o077):

@@ -25,8 +25,8 @@ import time
 import zlib
 from typing import NamedTuple
 
-from . import _posix as backend
-from ._errors import StateError
+from .._errors import StateError
+from . import linux
 
 __all__ = ["Ceiling", "read_ceiling", "sequence_id", "write_ceiling"]
 
@@ -83,7 +83,7 @@ def read_ceiling(path: str) -> Ceiling | None:
     )
     try:
         seq = os.path.basename(path)[: -len(".ceiling")]
-        fd = backend.open_state_file(
+        fd = linux.open_state_file(
             path, f"persisted ceiling {path!r} of sequence {seq!r}", fix, create=False, write=False
         )
     except FileNotFoundError:

@@ -121,7 +121,7 @@ class NonceEngine(Protocol):
         """The shared record ``name`` of this sequence (see the engine for known names).
 
         Names in use: "kraken.counter" and "kraken.burst" (14 fields each,
-        ``shmnonce._ratelimit``), "compat.counters" (24 fields, ``shmnonce.compat``).
+        ``shmnonce.kraken.ratelimit``), "compat.counters" (24 fields, ``shmnonce.compat``).
         """
         ...
 
@@ -192,8 +192,7 @@ def engine_for_key(
     """
     resolved = resolve_url(url, state_dir)
     if resolved is None:
-        from ._engine import ShmNonce
-
+        from .shm.engine import ShmNonce
         shm: NonceEngine = ShmNonce.for_api_key(api_key, state_dir=state_dir)
         return shm
     engine: NonceEngine = _redis_module("redis").RedisNonce.for_api_key(api_key, url=resolved)
@@ -213,8 +212,7 @@ def engine_for_name(
     """
     resolved = resolve_url(url, state_dir)
     if resolved is None:
-        from ._engine import ShmNonce
-
+        from .shm.engine import ShmNonce
         shm: NonceEngine = ShmNonce.attach(name, state_dir)
         return shm
     engine: NonceEngine = _redis_module("redis").RedisNonce.attach(name, url=resolved)

@@ -27,10 +27,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ._engine import ShmNonce
-from ._errors import NonceError
-from ._paths import validate_name
-from ._segment import U64_MAX
+from .._errors import NonceError
+from .._paths import validate_name
+from ..shm.engine import ShmNonce
+from ..shm.segment import U64_MAX
 
 __all__ = ["LegacyFile", "LegacyImport", "LegacyImportError", "import_legacy", "read_legacy_file"]
 

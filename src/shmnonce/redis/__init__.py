@@ -13,8 +13,8 @@ failure modes and the recommended persistence and ACL settings.
 
 from __future__ import annotations
 
-from ._redis._conn import RedisUnavailable
-from ._redis._doctor import check_server
-from ._redis._engine import MAX_VALUE, RedisNonce, RedisRecord, RedisSection
+from .conn import RedisUnavailable
+from .doctor import check_server
+from .engine import MAX_VALUE, RedisNonce, RedisRecord, RedisSection
 
 __all__ = ["MAX_VALUE", "RedisNonce", "RedisRecord", "RedisSection", "RedisUnavailable", "check_server"]

@@ -13,15 +13,15 @@ from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from types import TracebackType
 from typing import Any
 
-from . import _fork
-from . import _posix as backend
-from ._ceiling import Ceiling, read_ceiling, write_ceiling
-from ._errors import NonceError, StateError
-from ._keyindex import Holder, claim, is_key_name, lookup, release
-from ._paths import api_key_name, resolve_state_dir, segment_name, state_dir_path, validate_name
-from ._queue import SectionQueue, ShmSection, others_attached
-from ._repair import remove_state
-from ._segment import (
+from .. import _fork
+from .._errors import NonceError, StateError
+from .._paths import api_key_name, resolve_state_dir, segment_name, state_dir_path, validate_name
+from ..ops.repair import remove_state
+from . import linux
+from .ceiling import Ceiling, read_ceiling, write_ceiling
+from .keyindex import Holder, claim, is_key_name, lookup, release
+from .queue import SectionQueue, ShmSection, others_attached
+from .segment import (
     FLAG_UNLINKED,
     MIRRORED,
     Q_ENTRIES,
@@ -217,7 +217,7 @@ class ShmNonce:
                 fix = owner_fix(self.segment_name, self.name, self.state_dir)
             raise StateError(
                 f"shared-memory segment {path} of sequence {self.name!r} "
-                f"{backend.describe_open_error(exc, path)}; {fix}"
+                f"{linux.describe_open_error(exc, path)}; {fix}"
             ) from None
 
     def _refuse_if_others_attached(self, qfd: int, why: str) -> None:
@@ -232,7 +232,7 @@ class ShmNonce:
                 f"segment /dev/shm/{self.segment_name} of sequence {self.name!r} {why} while "
                 "this process still has a handle of it open: close() that handle first"
             )
-        from ._procinfo import scan_attached  # psutil scan: only on this error path
+        from ..ops.procinfo import scan_attached  # psutil scan: only on this error path
 
         scan = scan_attached(self.segment_name, self._lock_path, self._queue_path,
                              exclude_pid=os.getpid())
@@ -325,12 +325,12 @@ class ShmNonce:
     @staticmethod
     def _open_lock(path: str) -> int:
         """Open (create if absent) the lock or queue file ``path``; StateError if refused."""
-        return backend.open_lock_file(path, *ShmNonce._lock_file_text(path))
+        return linux.open_lock_file(path, *ShmNonce._lock_file_text(path))
 
     def _open_state(self, path: str) -> int:
         if self._create:
             return self._open_lock(path)
-        return backend.open_state_file(path, *self._lock_file_text(path), create=False)
+        return linux.open_state_file(path, *self._lock_file_text(path), create=False)
 
     def _log(self, level: int, msg: str, *args: object) -> None:
         """Queue a log record; emitted after the locks are released (handlers may block)."""
@@ -382,11 +382,11 @@ class ShmNonce:
         tlock.acquire()
         try:
             fd = self._fd
-            backend.flock_ex(fd, _LOCK_EX)
+            linux.flock_ex(fd, _LOCK_EX)
             try:
                 v = self._issue()
             finally:
-                backend.flock_un(fd)
+                linux.flock_un(fd)
         except (OSError, ValueError) as exc:
             raise self._unusable(exc) from exc
         finally:
@@ -664,7 +664,7 @@ class ShmNonce:
             return
         old, self._fd = self._fd, -1
         try:
-            self._fd = backend.reopen(old, self._lock_path)
+            self._fd = linux.reopen(old, self._lock_path)
         finally:
             os.close(old)
             self._queue.after_fork_child()
@@ -791,7 +791,7 @@ class _CounterLock:
             eng._tlock.release()
             raise NonceError(f"sequence {eng.name!r}: this handle is closed")
         try:
-            backend.flock_ex(eng._fd, _LOCK_EX)
+            linux.flock_ex(eng._fd, _LOCK_EX)
         except BaseException:
             eng._tlock.release()
             raise
@@ -799,7 +799,7 @@ class _CounterLock:
     def __exit__(self, *exc: object) -> None:
         eng = self._eng
         try:
-            backend.flock_un(eng._fd)
+            linux.flock_un(eng._fd)
         finally:
             eng._tlock.release()
         if eng._deferred:

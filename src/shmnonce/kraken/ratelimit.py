@@ -44,7 +44,7 @@ __all__ = [
     "resolve_rate_limit",
 ]
 
-from ._protocol import NonceEngine
+from .._protocol import NonceEngine
 
 _NS = 1_000_000_000
 _U64 = (1 << 64) - 1

@@ -9,8 +9,8 @@ import logging
 # handler, Python's last-resort handler would print WARNING records as bare stderr lines).
 logging.getLogger("shmnonce").addHandler(logging.NullHandler())
 
-from ._engine import ShmNonce  # noqa: E402
 from ._errors import LockTimeout, NonceError, StateError  # noqa: E402
+from .shm.engine import ShmNonce  # noqa: E402
 
 __all__ = ["LockTimeout", "NonceError", "ShmNonce", "StateError", "__version__"]
 __version__ = "0.1.0"

@@ -29,9 +29,9 @@ from typing import Any
 
 import redis.exceptions as rx
 
-from .._doctor import ERROR, OK, WARN, Finding
 from .._paths import validate_name
-from ._conn import check_url, redact, sync_client
+from ..ops.doctor import ERROR, OK, WARN, Finding
+from .conn import check_url, redact, sync_client
 
 __all__ = ["check_server"]
 

@@ -24,13 +24,13 @@ import os
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from . import _posix as backend
-from ._ceiling import read_ceiling, write_ceiling
-from ._errors import StateError
-from ._keyindex import is_key_name, release
-from ._paths import resolve_state_dir, segment_name, validate_name
-from ._queue import others_attached
-from ._segment import (
+from .._errors import StateError
+from .._paths import resolve_state_dir, segment_name, validate_name
+from ..shm import linux
+from ..shm.ceiling import read_ceiling, write_ceiling
+from ..shm.keyindex import is_key_name, release
+from ..shm.queue import others_attached
+from ..shm.segment import (
     HEADER,
     MAGIC,
     SIZE,
@@ -66,10 +66,10 @@ def _file_fix(path: str) -> str:
 
 @contextlib.contextmanager
 def _locked(lock_path: str, name: str) -> Iterator[None]:
-    fd = backend.open_lock_file(lock_path, f"lock file {lock_path} of sequence {name!r}",
+    fd = linux.open_lock_file(lock_path, f"lock file {lock_path} of sequence {name!r}",
                                 _file_fix(lock_path))
     try:
-        backend.flock_ex(fd, fcntl.LOCK_EX)
+        linux.flock_ex(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
@@ -85,26 +85,26 @@ def _map_intact(shm: str, name: str, state_dir: str) -> tuple[bool, mmap.mmap | 
     path = f"/dev/shm/{shm}"
     where = f"shared-memory segment {path} of sequence {name!r}"
     try:
-        fd = backend.shm_open(shm)
+        fd = linux.shm_open(shm)
     except FileNotFoundError:
         return False, None
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EACCES, errno.EPERM):
             log.warning("%s %s: removing the name without reading it", where,
-                        backend.describe_open_error(exc, path))
+                        linux.describe_open_error(exc, path))
             return True, None
         raise StateError(
-            f"{where} {backend.describe_open_error(exc, path)}; {owner_fix(shm, name, state_dir)}"
+            f"{where} {linux.describe_open_error(exc, path)}; {owner_fix(shm, name, state_dir)}"
         ) from None
     try:
         try:
-            backend.verify_owned(fd, where, "")
+            linux.verify_owned(fd, where, "")
         except StateError as exc:
             log.warning("%s: removing the name without reading it", str(exc).rstrip("; "))
             return True, None
         if os.fstat(fd).st_size != SIZE:
             return True, None
-        buf = backend.shm_map(fd, SIZE)
+        buf = linux.shm_map(fd, SIZE)
     finally:
         os.close(fd)
     magic, version, size = HEADER.unpack_from(buf, 0)[:3]
@@ -135,13 +135,13 @@ def destroy(name: str, state_dir: str | None = None) -> bool:
 def _unlink_segment(shm: str) -> None:
     """Remove the segment's name; StateError naming the owner if this user may not."""
     try:
-        backend.shm_unlink(shm)
+        linux.shm_unlink(shm)
     except FileNotFoundError:
         pass
     except OSError as exc:
         path = f"/dev/shm/{shm}"
         try:
-            owner = backend.describe_owner(os.lstat(path).st_uid)
+            owner = linux.describe_owner(os.lstat(path).st_uid)
         except OSError:
             owner = "another user"
         raise StateError(
@@ -178,7 +178,7 @@ def drop_segment(name: str, state_dir: str | None = None, force: bool = False) -
     shm = segment_name(name, sd)
     if not force:
         try:
-            qfd = backend.open_state_file(
+            qfd = linux.open_state_file(
                 queue_path, f"queue file {queue_path} of sequence {name!r}", _file_fix(queue_path),
                 create=False,
             )

@@ -1,1 +1,0 @@
-"""The Redis engine's internals; the public face is :mod:`shmnonce.redis`."""

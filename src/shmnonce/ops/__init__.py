@@ -1,0 +1,1 @@
+"""Operator tooling: doctor, repairs that work without attaching, process inspection (psutil)."""

@@ -12,6 +12,9 @@ sends SIGCONT), then its exit code (``-9``: killed by SIGKILL). Operations:
 ``drop``     ``shmnonce drop-segment`` (``_repair.drop_segment``)
 ``destroy``  ``shmnonce unlink`` (``_repair.destroy``)
 ``unlink``   attach before stopping, then ``ShmNonce.unlink()``
+``extend``   attach before stopping, then issue one value with the clock two hours
+             ahead, so that ``next()`` must persist a new ceiling first
+``jump``     attach before stopping, then ``jump_forward`` by two hours
 
 A value the child issued is appended to OUT; an exception's traceback goes to
 OUT.err and the exit code is 3.
@@ -23,6 +26,7 @@ import ctypes
 import os
 import signal
 import sys
+import time
 import traceback
 
 from shmnonce import ShmNonce
@@ -38,7 +42,7 @@ def _allow_tracer() -> None:
 
 
 def _child(op: str, name: str, state_dir: str, out: str) -> None:
-    eng = ShmNonce.attach(name, state_dir) if op == "unlink" else None
+    eng = ShmNonce.attach(name, state_dir) if op in ("unlink", "extend", "jump") else None
     _allow_tracer()
     os.kill(os.getpid(), signal.SIGSTOP)
     if op == "attach":
@@ -52,6 +56,16 @@ def _child(op: str, name: str, state_dir: str, out: str) -> None:
     elif op == "unlink":
         assert eng is not None
         eng.unlink()
+    elif op in ("extend", "jump"):
+        assert eng is not None
+        if op == "extend":
+            ahead = eng.peek() - time.time_ns() + 2 * 3600 * 10**9  # two hours past the last value
+            eng._clock = lambda: time.time_ns() + ahead  # type: ignore[method-assign]
+            value = eng.next()
+        else:
+            value = eng.jump_forward(2 * 3600 * 10**9)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.write(fd, b"%d\n" % value)
     else:
         raise ValueError(op)
 

@@ -21,7 +21,7 @@ from tests.redis_server import REDIS_SERVER, RedisServer
 if not os.path.exists(REDIS_SERVER) and not os.environ.get("CI"):
     pytest.skip("redis-server is not installed (apt-get install redis-server)", allow_module_level=True)
 
-from shmnonce.redis import RedisNonce  # noqa: E402
+from shmnonce.redis import RedisNonce
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,27 @@ These pass on the current code (coverage, not findings).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
-from tests.test_crash_sweep import HOUR, Issued, Server, _ahead, _issued, _reboot, _sweep, server  # noqa: F401
+from tests.test_crash_sweep import HOUR, Issued, Server, _ahead, _issued, _reboot, _sweep
+
+
+@pytest.fixture
+def sweep_server(tmp_path: object) -> Iterator[Server]:
+    srv = Server(str(tmp_path))
+    yield srv
+    srv.close()
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.mark.parametrize("op", ["extend", "jump"])
-def test_ceiling_extension_killed_at_every_system_call(server: Server, state_dir: str, op: str) -> None:
+def test_ceiling_extension_killed_at_every_system_call(
+    sweep_server: Server, state_dir: str, op: str
+) -> None:
+    server = sweep_server
     name = "cx"
     out = os.path.join(server.tmp, "issued")
     issued = Issued()

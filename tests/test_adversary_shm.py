@@ -13,7 +13,7 @@ import tempfile
 import pytest
 
 from shmnonce import ShmNonce, StateError
-from shmnonce import _posix as backend
+from shmnonce.shm import linux as backend
 from tests._users import ensure_user, run_as
 
 HOUR = 3600 * 10**9

@@ -31,11 +31,6 @@ def server(tmp_path_factory: Any) -> Iterator[RedisServer]:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
-    "a child forked inside serialized() that leaves the with-block releases the PARENT's "
-    "lease (the ticket copy keeps state _HELD and its token; _after_fork_child resets "
-    "nothing on tickets), so a waiter enters while the parent still holds: overlap. "
-    "ShmNonce makes leave() a no-op in the child (ShmSection._gen)"))
 def test_fork_child_leaving_copied_section_does_not_release_parent(server: RedisServer) -> None:
     name = "adv-fork-held"
     holder = RedisNonce.attach(name, url=server.url, lease_s=5.0)
@@ -77,12 +72,6 @@ def test_fork_child_leaving_copied_section_does_not_release_parent(server: Redis
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
-    "with redis-py's socket_timeout in the URL (docs/redis.md: such options 'pass through'), "
-    "a waiter's BLPOP blocks for up to the holder's lease, the socket read times out first, "
-    "and serialized(timeout=10) fails with RedisUnavailable after socket_timeout although "
-    "the server is fine and the holder leaves in time (_engine.enter: BLPOP on the shared "
-    "client; no per-command socket timeout above the block time)"))
 def test_socket_timeout_in_url_does_not_break_waiting(server: RedisServer) -> None:
     name = "adv-socket-timeout"
     url = server.url + "?socket_timeout=0.5"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import os
+import pwd
 import re
 import stat
 
@@ -66,14 +68,35 @@ def _how_to_choose(state_dir: object) -> str:
     )
 
 
+def _group_name(gid: int) -> str:
+    try:
+        return f"{grp.getgrgid(gid).gr_name} (gid {gid})"
+    except KeyError:
+        return f"gid {gid}"
+
+
+def _private_group(gid: int, euid: int) -> bool:
+    """Whether only this user belongs to group ``gid`` (a user private group)."""
+    try:
+        user = pwd.getpwuid(euid)
+        members = grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
+    if user.pw_gid != gid or any(m != user.pw_name for m in members):
+        return False
+    return not any(p.pw_gid == gid and p.pw_uid != euid for p in pwd.getpwall())
+
+
 def check_parents(path: str, what: str) -> None:
     """Refuse ``path`` (``what`` names it) if another user could swap it through a parent.
 
     Every parent must be owned by root or this user and be writable by others only
     with the sticky bit (like /tmp), so that nobody else can rename ``path`` and put
-    their own in its place. A parent writable by its group is accepted: with the
-    usual umask 002 and one private group per user, ``~/.local`` is group-writable
-    by that user's own group only.
+    their own in its place. A parent writable by its group is accepted only when that
+    group is this user's private group (no other member, nobody else's primary
+    group): with the usual umask 002 ``~/.local`` is group-writable that way. A group
+    shared with other users could rename the state directory away after a reboot and
+    make the sequence restart from the clock.
     """
     euid = os.geteuid()
     parent = os.path.dirname(path)
@@ -89,6 +112,11 @@ def check_parents(path: str, what: str) -> None:
             problem = (
                 f"has mode {stat.S_IMODE(st.st_mode):04o}: anyone may write it and it has no "
                 "sticky bit"
+            )
+        elif st.st_mode & 0o020 and not st.st_mode & stat.S_ISVTX and not _private_group(st.st_gid, euid):
+            problem = (
+                f"has mode {stat.S_IMODE(st.st_mode):04o} and group {_group_name(st.st_gid)}, "
+                "which has members other than this user, may write it (no sticky bit)"
             )
         if problem:
             raise StateError(
@@ -118,6 +146,11 @@ def resolve_state_dir(
     path = state_dir_path(state_dir)
     where = _where(path, name)
     if create:
+        existing = path
+        while not os.path.lexists(existing) and existing != os.path.dirname(existing):
+            existing = os.path.dirname(existing)
+        if existing != path:  # refuse before creating anything under an unsafe parent
+            check_parents(os.path.join(existing, "-"), where)
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
         except FileExistsError:

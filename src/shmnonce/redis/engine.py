@@ -68,10 +68,11 @@ class RedisSection:
     lease taken by someone else (the holder was paused or cut off past ``lease_s``).
     """
 
-    __slots__ = ("__weakref__", "_eng", "lost", "nonce", "state", "token")
+    __slots__ = ("__weakref__", "_eng", "_pid", "lost", "nonce", "state", "token")
 
     def __init__(self, eng: RedisNonce, token: str) -> None:
         self._eng = eng
+        self._pid = os.getpid()  # a copy in a forked child must not release the parent's place
         self.token = token
         self.nonce = 0
         self.state = _WAITING
@@ -319,6 +320,11 @@ class RedisNonce:
             if remaining <= 0:
                 raise LockTimeout(f"{self._where}: serialized() timed out")
             block = min(block, remaining)
+        # A socket_timeout in the URL would cut a longer BLPOP off as a lost connection:
+        # block a little less; the caller then re-checks the queue and blocks again.
+        sock = self._pool.connection_kwargs.get("socket_timeout")
+        if sock:
+            block = min(block, max(float(sock) - 0.1, float(sock) / 2))
         return max(block, 0.001)
 
     def enter(self, timeout: float | None = None) -> RedisSection:
@@ -359,6 +365,9 @@ class RedisNonce:
 
     def _leave(self, ticket: RedisSection) -> None:
         if ticket.state == _LEFT:
+            return
+        if ticket._pid != os.getpid():  # entered by the parent before fork(): its place, not ours
+            ticket.state = _LEFT
             return
         held = ticket.state == _HELD
         ticket.state = _LEFT
@@ -459,6 +468,9 @@ class RedisNonce:
 
     async def _aleave(self, ticket: RedisSection) -> None:
         if ticket.state == _LEFT:
+            return
+        if ticket._pid != os.getpid():  # entered by the parent before fork(): its place, not ours
+            ticket.state = _LEFT
             return
         held = ticket.state == _HELD
         ticket.state = _LEFT

@@ -123,6 +123,27 @@ def describe_open_error(exc: OSError, path: str) -> str:
     return f"cannot be opened: {exc.strerror or exc}"
 
 
+def _open_failure(exc: OSError, path: str, what: str, fix: str) -> Exception:
+    """The error for a failed open: StateError for the file, OSError for the process.
+
+    Running out of descriptors or kernel memory says nothing about the file: the
+    state is intact, and the "damaged file" repairs (which remove files) must not be
+    suggested for it.
+    """
+    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        limit = "this process's descriptor limit (RLIMIT_NOFILE, 'ulimit -n')"
+        if exc.errno == errno.ENFILE:
+            limit = "the system's file table (fs.file-max)"
+        elif exc.errno == errno.ENOMEM:
+            limit = "kernel memory"
+        return type(exc)(
+            exc.errno, f"{exc.strerror} opening {what}: {limit} is exhausted; raise the limit "
+            "or close other handles (each attached sequence keeps 3 descriptors). The "
+            "sequence's state is intact", path,
+        )
+    return StateError(f"{what} {describe_open_error(exc, path)}; {fix}")
+
+
 def open_state_file(path: str, what: str, fix: str, *, create: bool, write: bool = True) -> int:
     """Open a state file of this user safely and return a close-on-exec descriptor.
 
@@ -143,13 +164,13 @@ def open_state_file(path: str, what: str, fix: str, *, create: bool, write: bool
             if not create:
                 raise
         except OSError as exc:
-            raise StateError(f"{what} {describe_open_error(exc, path)}; {fix}") from None
+            raise _open_failure(exc, path, what, fix) from None
         try:
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
             continue  # created (or something put there) since: open and check it
         except OSError as exc:
-            raise StateError(f"{what} {describe_open_error(exc, path)}; {fix}") from None
+            raise _open_failure(exc, path, what, fix) from None
         try:
             os.fchmod(fd, 0o600)  # a restrictive umask must not leave it unwritable
         except OSError:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, NoReturn
 from . import __version__
 from ._errors import NonceError, StateError
 from ._paths import api_key_name, default_state_dir, resolve_state_dir, segment_name, validate_name
+from ._protocol import ENV_URL, NonceEngine, resolve_url
 from .kraken.legacy import LegacyImport, LegacyImportError, import_legacy
 from .ops import repair as _repair
 from .shm.ceiling import read_ceiling
@@ -109,6 +110,35 @@ def _emit(args: argparse.Namespace, data: dict[str, object], text: str) -> None:
     _out(json.dumps(data, sort_keys=True) if args.json else text)
 
 
+def _redis_url(args: argparse.Namespace) -> str | None:
+    """The Redis URL of ``--url`` (else ``$SHMNONCE_URL``), None for shared memory.
+
+    The URL (it may hold a password) is never printed; errors name its scheme only.
+    """
+    url: str | None = getattr(args, "url", None) or os.environ.get(ENV_URL) or None
+    if url is None:
+        return None
+    resolve_url(url, None)  # ValueError/ImportError naming the scheme or the extra
+    if args.state_dir is not None:
+        raise ValueError("--state-dir applies to shared memory, not to --url")
+    return url
+
+
+def _redis_only_shm(args: argparse.Namespace) -> None:
+    if _redis_url(args) is not None:
+        raise ValueError(f"{args.command} works on shared-memory sequences only (no --url)")
+
+
+def _open_engine(args: argparse.Namespace) -> NonceEngine:
+    """The sequence ``args.name``: on Redis with ``--url``, else in shared memory."""
+    url = _redis_url(args)
+    if url is not None:
+        from .redis import RedisNonce
+
+        return RedisNonce.attach(args.name, url)
+    return ShmNonce.attach(args.name, args.state_dir)
+
+
 def _require_existing(name: str, state_dir: str | None) -> None:
     """Raise ``_UnknownSequence`` unless ``NAME.lock`` or ``NAME.ceiling`` exists.
 
@@ -189,6 +219,11 @@ def _status(args: argparse.Namespace) -> int:
     """Status of an existing sequence; creates nothing (no segment, file or directory)."""
     from .ops.procinfo import find_holder, read_segment, scan_attached
 
+    if _redis_url(args) is not None:
+        with _open_engine(args) as reng:
+            rstats = dict(reng.stats())
+        _emit(args, rstats, "\n".join(f"{k:<18}  {v}" for k, v in sorted(rstats.items())))
+        return 0
     _require_existing(args.name, args.state_dir)
     sd = resolve_state_dir(args.state_dir, args.name, create=False)
     seg_name = segment_name(args.name, sd)
@@ -243,17 +278,17 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _next(args: argparse.Namespace) -> int:
-    with ShmNonce.attach(args.name, args.state_dir) as eng:
+    with _open_engine(args) as eng:
         nonce = eng.next()
-        state_dir = eng.state_dir
+        state_dir = getattr(eng, "state_dir", None)
     _emit(args, {"name": args.name, "state_dir": state_dir, "nonce": nonce}, str(nonce))
     return 0
 
 
 def _jump(args: argparse.Namespace) -> int:
-    with ShmNonce.attach(args.name, args.state_dir) as eng:
+    with _open_engine(args) as eng:
         last = eng.jump_forward(args.ns)
-        state_dir = eng.state_dir
+        state_dir = getattr(eng, "state_dir", None)
     data: dict[str, object] = {
         "name": args.name, "state_dir": state_dir, "last_nonce": last, "jump_ns": args.ns,
     }
@@ -262,6 +297,11 @@ def _jump(args: argparse.Namespace) -> int:
 
 
 def _unlink(args: argparse.Namespace) -> int:
+    if _redis_url(args) is not None:
+        with _open_engine(args) as reng:
+            reng.unlink()
+        _emit(args, {"name": args.name, "unlinked": True}, f"unlinked {args.name}")
+        return 0
     # works on damaged state too, which attach would refuse
     existed = _repair.destroy(args.name, args.state_dir)
     _emit(
@@ -272,6 +312,7 @@ def _unlink(args: argparse.Namespace) -> int:
 
 
 def _drop_segment(args: argparse.Namespace) -> int:
+    _redis_only_shm(args)
     res = _repair.drop_segment(args.name, args.state_dir, force=args.force)
     if not res.segment_found:
         text = f"{args.name}: no segment; persisted ceiling {res.persisted_ceiling}"
@@ -289,6 +330,7 @@ def _drop_segment(args: argparse.Namespace) -> int:
 
 
 def _import_legacy(args: argparse.Namespace) -> int:
+    _redis_only_shm(args)
     try:
         report = import_legacy(args.name, args.files, args.state_dir, skip_bad=args.skip_bad)
     except LegacyImportError as exc:
@@ -319,8 +361,16 @@ def _print_import(report: LegacyImport, as_json: bool) -> None:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from .ops.doctor import run_doctor
-    report = run_doctor(args.name, args.state_dir)
+    from .ops.doctor import DoctorReport, run_doctor
+
+    url = _redis_url(args)
+    if url is not None:
+        from .redis import check_server
+
+        report = DoctorReport(state_dir="")
+        report.findings = check_server(url, [args.name] if args.name else [])
+    else:
+        report = run_doctor(args.name, args.state_dir)
     if args.json:
         _out(json.dumps(report.as_dict(), sort_keys=True))
     else:
@@ -386,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print one JSON object (also accepted after the command)")
     parser.add_argument("--state-dir", metavar="D", default=None,
                         help="state directory (also accepted after the command)")
+    parser.add_argument("--url", metavar="URL", default=None,
+                        help="a Redis sequence: redis://, rediss:// or unix:// (default: "
+                             "$SHMNONCE_URL; unset: shared memory on this host)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     state_dir_help = (
         "state directory (default: $SHMNONCE_STATE_DIR, $XDG_STATE_HOME/shmnonce, "
@@ -400,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
         if state_dir:
             p.add_argument("--state-dir", metavar="D", default=argparse.SUPPRESS,
                            help=state_dir_help)
+            p.add_argument("--url", metavar="URL", default=argparse.SUPPRESS,
+                           help="a Redis sequence (default: $SHMNONCE_URL)")
         p.set_defaults(func=func)
         return p
 

@@ -29,7 +29,6 @@ from .kraken.legacy import LegacyImport, LegacyImportError, import_legacy
 from .ops import repair as _repair
 from .shm.ceiling import read_ceiling
 from .shm.engine import NoSegment, ShmNonce
-from .shm.segment import SIZE
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite
@@ -230,7 +229,7 @@ def _status(args: argparse.Namespace) -> int:
     base = os.path.join(sd, args.name)
     holder = None
     try:
-        eng = ShmNonce._inspect(args.name, sd)
+        eng = ShmNonce.inspect(args.name, sd)
     except NoSegment:
         eng = None
     except FileNotFoundError:  # a lock or queue file is missing
@@ -251,7 +250,7 @@ def _status(args: argparse.Namespace) -> int:
             scan = scan_attached(
                 eng.segment_name, base + ".lock", base + ".queue", exclude_pid=os.getpid()
             )
-            seg = read_segment(eng.segment_name, SIZE)  # a snapshot; the engine keeps its own
+            seg = read_segment(eng.segment_name)  # a snapshot; the engine keeps its own
             holder = None if seg is None else find_holder(seg, base + ".queue", scan.processes)
     stats["attached"] = [p.as_dict() for p in scan.processes]
     stats["attached_uninspectable"] = scan.uninspectable

@@ -39,7 +39,7 @@ import psutil
 
 from ..shm import linux
 from ..shm.queue import HELD
-from ..shm.segment import Q_HEAD, Q_TAIL, QUEUE, SLOT, SLOTS, SLOTS_OFFSET
+from ..shm.segment import Q_HEAD, Q_TAIL, QUEUE, SIZE, SLOT, SLOTS, SLOTS_OFFSET
 
 __all__ = [
     "Attached",
@@ -275,7 +275,7 @@ def find_holder(
     return None
 
 
-def read_segment(segment: str, size: int) -> bytes | None:
+def read_segment(segment: str, size: int = SIZE) -> bytes | None:
     """A snapshot of the first ``size`` bytes of ``/dev/shm/<segment>`` (None if absent)."""
     try:  # O_NONBLOCK and a type check: a FIFO in its place must not hang the caller
         fd = os.open(f"/dev/shm/{segment}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)

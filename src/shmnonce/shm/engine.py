@@ -298,7 +298,7 @@ class ShmNonce:
         return cls._attach(name, wanted, looked_up=True)
 
     @classmethod
-    def _inspect(cls, name: str, state_dir: str | os.PathLike[str] | None) -> ShmNonce:
+    def inspect(cls, name: str, state_dir: str | os.PathLike[str] | None = None) -> ShmNonce:
         """Attach an existing live segment without creating anything (``shmnonce status``).
 
         Raises NoSegment when the sequence has no segment, FileNotFoundError when the

@@ -709,7 +709,11 @@ def test_random_sigkills_of_processes_mixing_threads_and_tasks(state_dir: str, t
     for f in files:
         if f.startswith("collision-"):
             with open(os.path.join(obsdir, f)) as fh:
-                assert int(fh.read().split()[0]) in killed, f
+                holder = fh.read().split()
+            if not holder:  # the finder was killed between creating and writing the record
+                assert int(f.split("-")[1]) in killed, f
+                continue
+            assert int(holder[0]) in killed, f
     with ShmNonce.attach("ks", state_dir) as eng:
         assert eng.stats()["section_entries"] > 200
         t0 = time.monotonic()

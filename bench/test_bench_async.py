@@ -12,8 +12,8 @@ tasks run in one event loop (a thread of this process) or in two other processes
 figure by letting the last holder back in.
 
 Floors, on figures of this run (quick mode: SHMNONCE_BENCH_QUICK=1, fewer rounds):
-p99 hand-off <= 2 ms (over 540 hand-offs in both modes), and p50 and p99 at least 10 x lower than AsyncFileLock at its
-default poll in the same setting.
+p99 hand-off <= 2 ms (over 540 hand-offs in both modes), and p50 and p99 at least
+10 x lower than AsyncFileLock at its default poll in the same setting.
 """
 
 from __future__ import annotations

@@ -170,6 +170,19 @@ def main() -> None:
             with open(out + ".tmp", "w") as f:
                 json.dump(info, f)
             os.rename(out + ".tmp", out)
+        elif mode == "kraken":  # krakenex through KrakenAPI(url=...), as a bot on this host would
+            from shmnonce.kraken import KrakenAPI
+
+            api = KrakenAPI(spec["key"], spec["secret"], url=spec["url"], rate_limit=None)
+            api.uri = spec["kraken"]
+            api.session.trust_env = False
+            _wait_start(spec)
+            try:
+                for _ in range(spec["n"]):
+                    errors = api.query_private("Balance")["error"]
+                    assert errors == [], errors
+            finally:
+                api.close()
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     finally:

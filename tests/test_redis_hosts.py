@@ -298,3 +298,19 @@ def test_redis_killed_without_persistence_regresses(tmp_path: Any) -> None:
         assert after < last  # continues from the server clock, an hour below
         assert e.stats()["recreated"] is True
         e.unlink()
+
+
+def test_kraken_api_from_three_hosts_on_one_key(server: RedisServer, hosts: Hosts) -> None:
+    """KrakenAPI(url=...) on 3 hosts, one key, at the local Kraken test server: 0 invalid
+    nonces and at most one request of the key in flight."""
+    with ServerProcess() as kraken:
+        key, secret = kraken.register("hosts")
+        start_at = time.time() + 2.0
+        for h in range(3):
+            hosts.start(h, {"mode": "kraken", "name": "kr-hosts", "key": key, "secret": secret,
+                            "kraken": kraken.url, "n": 15, "start_at": start_at,
+                            "url": server.url if h != 1 else server.unix_url})
+        hosts.wait()
+        ks = kraken.stats()["keys"]["hosts"]
+    assert ks["accepted"] == 45, ks
+    assert ks["invalid_nonce"] == 0 and ks["max_inflight"] == 1, ks

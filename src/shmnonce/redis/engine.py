@@ -321,10 +321,12 @@ class RedisNonce:
                 raise LockTimeout(f"{self._where}: serialized() timed out")
             block = min(block, remaining)
         # A socket_timeout in the URL would cut a longer BLPOP off as a lost connection:
-        # block a little less; the caller then re-checks the queue and blocks again.
+        # block for at most half of it, and 0.25 s less (the server ends a BLPOP in its
+        # cron, which runs every 100 ms by default); the caller then re-checks the queue
+        # and blocks again.
         sock = self._pool.connection_kwargs.get("socket_timeout")
         if sock:
-            block = min(block, max(float(sock) - 0.1, float(sock) / 2))
+            block = min(block, float(sock) / 2, float(sock) - 0.25)
         return max(block, 0.001)
 
     def enter(self, timeout: float | None = None) -> RedisSection:
